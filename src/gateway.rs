@@ -1,0 +1,140 @@
+//! Wires listener -> journal -> batcher -> sink together and runs them until shutdown.
+//!
+//! Start-up order: open the journal, build the sink, bind every listener (so a bad address fails
+//! before anything runs), then start the sink, the batcher and the listeners.
+//!
+//! Shutdown order (each step finishes before the next):
+//! 1. listeners stop accepting; sessions acknowledge what is committed and close;
+//! 2. the batcher flushes what was committed and waits (bounded) for the sink's confirmations;
+//! 3. the sink finishes; unconfirmed batches stay in the journal for the next start;
+//! 4. the journal writer commits what is queued, checkpoints and stops.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+
+use crate::batcher::{self, Batcher};
+use crate::config::Config;
+use crate::listener::{self, Listener, Registry};
+use crate::{journal, shutdown, sink, telemetry};
+
+/// How long the batcher may wait for the sink's last confirmations at shutdown.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// A gateway whose sockets are bound, not yet running.
+pub struct Gateway {
+    config: Config,
+    listeners: Vec<Listener>,
+}
+
+impl Gateway {
+    /// Binds every listener. Fails with a message naming the address on a bind error.
+    pub async fn bind(config: Config) -> anyhow::Result<Self> {
+        let mut listeners = Vec::new();
+        for listener in &config.listeners {
+            let settings = listener::Settings::new(listener, &config);
+            listeners.push(Listener::bind(listener.bind.0, settings).await?);
+        }
+        Ok(Self { config, listeners })
+    }
+
+    /// The addresses agents can connect to (useful when binding port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// Runs until `signal` resolves, then shuts down in order.
+    pub async fn run(self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let config = self.config;
+        let (journal, reader, writer) = journal::open(&config.journal)
+            .with_context(|| format!("journal.path {}", config.journal.path.display()))?;
+        let sink = sink::build(&config.upstream)?;
+
+        let settings = batcher::Settings {
+            gateway: config.thing_name.clone(),
+            batch: config.batch.clone(),
+            sink_name: sink.name(),
+            max_inflight: sink.max_inflight(),
+            drain_grace: DRAIN_GRACE,
+        };
+        let (batches_tx, batches_rx) = mpsc::channel(sink.max_inflight());
+        let (confirm_tx, confirm_rx) = mpsc::unbounded_channel();
+        let sink_task = tokio::spawn(sink.run(batches_rx, confirm_tx));
+
+        let (batcher_stop, batcher_shutdown) = shutdown::channel();
+        let mut batcher_task = tokio::spawn(
+            Batcher::new(journal.clone(), reader, settings).run(
+                batches_tx,
+                confirm_rx,
+                batcher_shutdown,
+            ),
+        );
+
+        let (listeners_stop, listeners_shutdown) = shutdown::channel();
+        let registry = Arc::new(Registry::default());
+        let mut listener_tasks = Vec::new();
+        for listener in self.listeners {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "Listening for agents.");
+            }
+            listener_tasks.push(tokio::spawn(listener.run(
+                journal.clone(),
+                registry.clone(),
+                listeners_shutdown.clone(),
+            )));
+        }
+        drop(listeners_shutdown);
+        tracing::info!(
+            thing_name = %config.thing_name,
+            journal = %config.journal.path.display(),
+            "Gateway running."
+        );
+
+        let mut failure = None;
+        tokio::select! {
+            _ = signal => tracing::info!("Shutting down."),
+            result = &mut batcher_task => {
+                failure = Some(match result {
+                    Ok(Ok(())) => anyhow::anyhow!("batcher stopped unexpectedly"),
+                    Ok(Err(e)) => anyhow::Error::new(e).context("batcher failed"),
+                    Err(e) => anyhow::anyhow!("batcher panicked: {e}"),
+                });
+            }
+        }
+
+        listeners_stop.fire();
+        for task in listener_tasks {
+            let _ = task.await;
+        }
+        tracing::info!("Agents disconnected; flushing batches.");
+        batcher_stop.fire();
+        if failure.is_none() {
+            match batcher_task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failure = Some(anyhow::Error::new(e).context("batcher failed")),
+                Err(e) => failure = Some(anyhow::anyhow!("batcher panicked: {e}")),
+            }
+        }
+        if tokio::time::timeout(DRAIN_GRACE, sink_task).await.is_err() {
+            tracing::warn!("Sink did not stop in time; its unconfirmed batches stay journaled.");
+        }
+        drop(journal);
+        drop(registry);
+        tokio::task::spawn_blocking(move || writer.join()).await?;
+        metrics::gauge!(telemetry::CONNECTIONS).set(0.0);
+        match failure {
+            Some(e) => Err(e),
+            None => {
+                tracing::info!("Gateway stopped.");
+                Ok(())
+            }
+        }
+    }
+}

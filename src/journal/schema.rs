@@ -1,0 +1,85 @@
+//! The journal's schema and its numbered migrations.
+//!
+//! Rule: never change what a column means; add a migration instead. `PRAGMA user_version` holds
+//! the number of migrations applied. A journal from a newer Gatehouse is refused, not guessed at.
+
+use rusqlite::Connection;
+
+use super::JournalError;
+
+/// Each entry is one migration; entry `i` brings the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: records, batches, dedup keys, dead letters and gateway state.
+    "
+    CREATE TABLE records (
+        seq             INTEGER PRIMARY KEY AUTOINCREMENT, -- journal sequence, never reused
+        received_at     INTEGER NOT NULL,                  -- ms since the epoch
+        client_id       TEXT    NOT NULL,
+        topic           TEXT    NOT NULL,
+        qos             INTEGER NOT NULL,
+        payload         BLOB    NOT NULL,
+        content_type    TEXT,
+        user_properties TEXT,                              -- JSON [[k, v], ...] or NULL
+        expires_at      INTEGER,                           -- ms since the epoch or NULL
+        stream          TEXT    NOT NULL DEFAULT 'telemetry', -- routing / priority streams
+        priority        INTEGER NOT NULL DEFAULT 0,        -- higher drains first (later issues)
+        size            INTEGER NOT NULL                   -- bytes charged against journal caps
+    );
+    -- A batch sealed for a sink and not yet confirmed. Its payload is kept so a retry, even after
+    -- a restart, sends the very same bytes under the same batch_seq.
+    CREATE TABLE batches (
+        batch_seq    INTEGER PRIMARY KEY,
+        sink         TEXT    NOT NULL,
+        first_seq    INTEGER NOT NULL,
+        last_seq     INTEGER NOT NULL,
+        record_count INTEGER NOT NULL,
+        created_at   INTEGER NOT NULL,
+        payload      BLOB    NOT NULL
+    );
+    CREATE TABLE dedup (
+        key     BLOB PRIMARY KEY,    -- SHA-256 of topic, 0x00, payload
+        seen_at INTEGER NOT NULL     -- ms since the epoch
+    ) WITHOUT ROWID;
+    CREATE INDEX dedup_seen_at ON dedup (seen_at);
+    -- Records that can never be delivered (e.g. larger than a batch after a config change),
+    -- kept for an operator instead of silently deleted.
+    CREATE TABLE dead_letter (
+        seq         INTEGER PRIMARY KEY,
+        received_at INTEGER NOT NULL,
+        client_id   TEXT    NOT NULL,
+        topic       TEXT    NOT NULL,
+        qos         INTEGER NOT NULL,
+        payload     BLOB    NOT NULL,
+        reason      TEXT    NOT NULL,
+        moved_at    INTEGER NOT NULL
+    );
+    -- Small named integers: next_batch_seq, batched_through.
+    CREATE TABLE state (
+        name  TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    );
+    INSERT INTO state (name, value) VALUES ('next_batch_seq', 1), ('batched_through', 0);
+    ",
+];
+
+/// The schema version this build writes.
+pub const CURRENT_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the schema up to `CURRENT_VERSION`, each migration in its own transaction.
+pub fn migrate(conn: &mut Connection) -> Result<(), JournalError> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    if version > CURRENT_VERSION {
+        return Err(JournalError::TooNew {
+            found: version,
+            supported: CURRENT_VERSION,
+        });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", index as i64 + 1)?;
+        tx.commit()?;
+        tracing::info!(version = index + 1, "Migrated journal schema.");
+    }
+    Ok(())
+}

@@ -1,0 +1,402 @@
+//! The `journal-writer` thread: owns the write connection and commits commands in groups.
+//!
+//! Guarantee: a command's reply is sent only after the transaction holding it committed; if the
+//! transaction fails, every command in it gets the error and nothing of it is visible.
+
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::{mpsc, watch};
+
+use super::{Appended, Command, JournalError, Released};
+use crate::config::JournalConfig;
+use crate::record::now_ms;
+use crate::telemetry;
+
+/// How often expired dedup keys are pruned.
+const DEDUP_PRUNE_EVERY: Duration = Duration::from_secs(30);
+
+/// Joins the writer thread; dropping every `Journal` handle lets it finish.
+pub struct WriterGuard {
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl WriterGuard {
+    /// Waits for the writer to commit what is queued and stop. Call after dropping every
+    /// `Journal` handle (otherwise it waits for them).
+    pub fn join(mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+pub(super) struct Writer {
+    conn: Connection,
+    commands: mpsc::Receiver<Command>,
+    committed: watch::Sender<u64>,
+    dedup_window_ms: Option<i64>,
+    max_group: usize,
+    max_delay: Duration,
+    /// Live rows and their accounted bytes, kept in step with every commit.
+    rows: u64,
+    bytes: u64,
+    last_prune: Instant,
+    /// Held for the writer's lifetime: the journal's exclusive lock.
+    _lock: std::fs::File,
+}
+
+/// Per-group bookkeeping, applied to the counters only if the group commits.
+#[derive(Default)]
+struct GroupEffect {
+    appended: u64,
+    duplicates: u64,
+    rows_added: u64,
+    bytes_added: u64,
+    released: Released,
+    last_seq: Option<u64>,
+}
+
+/// A reply whose value is known but which may only be sent after commit.
+enum Pending {
+    Appended(Option<super::Reply<Appended>>, Appended),
+    Unit(super::Reply<()>),
+    Released(super::Reply<Released>, Released),
+}
+
+impl Writer {
+    pub(super) fn new(
+        conn: Connection,
+        commands: mpsc::Receiver<Command>,
+        committed: watch::Sender<u64>,
+        config: &JournalConfig,
+        lock: std::fs::File,
+    ) -> Result<Self, JournalError> {
+        let (rows, bytes): (u64, u64) = conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM records",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        let writer = Self {
+            conn,
+            commands,
+            committed,
+            dedup_window_ms: config.dedup_window().map(|w| w.as_millis() as i64),
+            max_group: config.commit_max_messages.get() as usize,
+            max_delay: Duration::from_millis(config.commit_max_delay_ms.get()),
+            rows,
+            bytes,
+            last_prune: Instant::now(),
+            _lock: lock,
+        };
+        writer.publish_gauges();
+        Ok(writer)
+    }
+
+    fn run(mut self) {
+        let mut group = Vec::with_capacity(self.max_group);
+        while let Some(first) = self.commands.blocking_recv() {
+            group.push(first);
+            self.fill(&mut group);
+            self.commit_group(&mut group);
+        }
+        // Every handle is gone: fold the WAL back into the main file for a tidy restart.
+        if let Err(e) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        {
+            tracing::warn!(error = %e, "Final journal checkpoint failed.");
+        }
+        tracing::info!(rows = self.rows, "Journal writer stopped.");
+    }
+
+    /// Takes what is already queued, waiting up to `max_delay` once for more.
+    fn fill(&mut self, group: &mut Vec<Command>) {
+        let drain = |commands: &mut mpsc::Receiver<Command>, group: &mut Vec<Command>| {
+            while group.len() < self.max_group {
+                match commands.try_recv() {
+                    Ok(cmd) => group.push(cmd),
+                    Err(_) => break,
+                }
+            }
+        };
+        drain(&mut self.commands, group);
+        if !self.max_delay.is_zero() && group.len() < self.max_group {
+            std::thread::sleep(self.max_delay);
+            drain(&mut self.commands, group);
+        }
+    }
+
+    fn commit_group(&mut self, group: &mut Vec<Command>) {
+        let started = Instant::now();
+        let mut effect = GroupEffect::default();
+        let mut pending = Vec::with_capacity(group.len());
+        let result = self.apply(group.drain(..), &mut effect, &mut pending);
+        match result {
+            Ok(()) => {
+                self.rows = self.rows + effect.rows_added - effect.released.rows;
+                self.bytes = self.bytes + effect.bytes_added - effect.released.bytes;
+                if let Some(seq) = effect.last_seq {
+                    self.committed.send_replace(seq);
+                }
+                metrics::counter!(telemetry::MESSAGES_JOURNALED).increment(effect.appended);
+                metrics::counter!(telemetry::DUPLICATES_DROPPED).increment(effect.duplicates);
+                metrics::histogram!(telemetry::JOURNAL_COMMIT_SECONDS)
+                    .record(started.elapsed().as_secs_f64());
+                self.publish_gauges();
+                for p in pending {
+                    match p {
+                        Pending::Appended(Some(reply), value) => {
+                            let _ = reply.send(Ok(value));
+                        }
+                        Pending::Appended(None, _) => {}
+                        Pending::Unit(reply) => {
+                            let _ = reply.send(Ok(()));
+                        }
+                        Pending::Released(reply, value) => {
+                            let _ = reply.send(Ok(value));
+                        }
+                    }
+                }
+            }
+            Err((e, rest)) => {
+                metrics::counter!(telemetry::JOURNAL_WRITE_ERRORS).increment(1);
+                tracing::error!(error = %e, commands = pending.len() + rest.len(), "Journal commit failed; nothing in it is acknowledged.");
+                let fail = |p: Pending| match p {
+                    Pending::Appended(Some(reply), _) => {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                    Pending::Appended(None, _) => {
+                        metrics::counter!(telemetry::REFUSALS, "reason" => "journal_error")
+                            .increment(1);
+                    }
+                    Pending::Unit(reply) => {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                    Pending::Released(reply, _) => {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                };
+                pending.into_iter().for_each(fail);
+                rest.into_iter().for_each(|cmd| fail(Self::unapplied(cmd)));
+            }
+        }
+    }
+
+    /// A command that never ran, as a pending reply to fail.
+    fn unapplied(cmd: Command) -> Pending {
+        match cmd {
+            Command::Append { reply, .. } => Pending::Appended(reply, Appended::Duplicate),
+            Command::Seal { reply, .. } | Command::DeadLetter { reply, .. } => {
+                Pending::Unit(reply)
+            }
+            Command::Confirm { reply, .. } => Pending::Released(reply, Released::default()),
+        }
+    }
+
+    /// Runs the whole group in one transaction. On failure, returns the error and the commands
+    /// not yet applied; the transaction is rolled back.
+    #[allow(clippy::type_complexity)]
+    fn apply(
+        &mut self,
+        commands: impl Iterator<Item = Command>,
+        effect: &mut GroupEffect,
+        pending: &mut Vec<Pending>,
+    ) -> Result<(), (JournalError, Vec<Command>)> {
+        let now = now_ms();
+        let dedup_window_ms = self.dedup_window_ms;
+        let prune = dedup_window_ms.is_some() && self.last_prune.elapsed() >= DEDUP_PRUNE_EVERY;
+        let mut commands = commands;
+        let tx = match self.conn.transaction() {
+            Ok(tx) => tx,
+            Err(e) => return Err((e.into(), commands.collect())),
+        };
+        while let Some(cmd) = commands.next() {
+            let outcome = match cmd {
+                Command::Append {
+                    record,
+                    dedup_key,
+                    reply,
+                } => append(&tx, &record, dedup_key, dedup_window_ms, now).map(|(appended, size)| {
+                    match appended {
+                        Appended::Journaled(seq) => {
+                            effect.appended += 1;
+                            effect.rows_added += 1;
+                            effect.bytes_added += size;
+                            effect.last_seq = Some(seq);
+                        }
+                        Appended::Duplicate => effect.duplicates += 1,
+                    }
+                    Pending::Appended(reply, appended)
+                }),
+                Command::Seal { batch, reply } => tx
+                    .execute(
+                        "INSERT INTO batches (batch_seq, sink, first_seq, last_seq, record_count, created_at, payload)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                        params![
+                            batch.batch_seq as i64,
+                            batch.sink,
+                            batch.first_seq as i64,
+                            batch.last_seq as i64,
+                            batch.record_count,
+                            batch.created_at,
+                            &batch.payload[..]
+                        ],
+                    )
+                    .and_then(|_| set_state(&tx, "next_batch_seq", batch.batch_seq + 1))
+                    .and_then(|_| advance_batched_through(&tx, batch.last_seq))
+                    .map(|_| Pending::Unit(reply)),
+                Command::Confirm { batch_seq, reply } => {
+                    release(&tx, batch_seq).map(|released| {
+                        effect.released.rows += released.rows;
+                        effect.released.bytes += released.bytes;
+                        Pending::Released(reply, released)
+                    })
+                }
+                Command::DeadLetter { seq, reason, reply } => {
+                    dead_letter(&tx, seq, &reason, now).map(|released| {
+                        effect.released.rows += released.rows;
+                        effect.released.bytes += released.bytes;
+                        Pending::Unit(reply)
+                    })
+                }
+            };
+            match outcome {
+                Ok(p) => pending.push(p),
+                Err(e) => return Err((e.into(), commands.collect())),
+            }
+        }
+        if prune && let Some(window) = dedup_window_ms {
+            if let Err(e) = tx.execute("DELETE FROM dedup WHERE seen_at < ?1", [now - window]) {
+                return Err((e.into(), Vec::new()));
+            }
+            self.last_prune = Instant::now();
+        }
+        tx.commit().map_err(|e| (e.into(), Vec::new()))
+    }
+
+    fn publish_gauges(&self) {
+        metrics::gauge!(telemetry::JOURNAL_ROWS).set(self.rows as f64);
+        metrics::gauge!(telemetry::JOURNAL_BYTES).set(self.bytes as f64);
+    }
+}
+
+/// Bytes a record is charged in the journal: its data plus a fixed allowance for row overhead.
+fn accounted_size(record: &crate::record::Record) -> u64 {
+    (record.payload.len() + record.topic.len() + record.client_id.len() + 64) as u64
+}
+
+fn append(
+    tx: &rusqlite::Transaction<'_>,
+    record: &crate::record::Record,
+    dedup_key: Option<[u8; 32]>,
+    dedup_window_ms: Option<i64>,
+    now: i64,
+) -> rusqlite::Result<(Appended, u64)> {
+    if let (Some(key), Some(window)) = (dedup_key, dedup_window_ms) {
+        // Inserts a new key, or re-arms one whose window has passed; leaves a live one alone.
+        let changed = tx
+            .prepare_cached(
+                "INSERT INTO dedup (key, seen_at) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET seen_at = excluded.seen_at
+                 WHERE dedup.seen_at < ?3",
+            )?
+            .execute(params![&key[..], now, now - window])?;
+        if changed == 0 {
+            return Ok((Appended::Duplicate, 0));
+        }
+    }
+    let props = &record.properties;
+    let user_properties = (!props.user_properties.is_empty())
+        .then(|| serde_json::to_string(&props.user_properties).expect("pairs serialize"));
+    let size = accounted_size(record);
+    tx.prepare_cached(
+        "INSERT INTO records (received_at, client_id, topic, qos, payload, content_type,
+                              user_properties, expires_at, size)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        record.received_at_ms,
+        record.client_id,
+        record.topic,
+        record.qos,
+        &record.payload[..],
+        props.content_type,
+        user_properties,
+        props.expires_at_ms,
+        size as i64,
+    ])?;
+    Ok((Appended::Journaled(tx.last_insert_rowid() as u64), size))
+}
+
+fn set_state(tx: &rusqlite::Transaction<'_>, name: &str, value: u64) -> rusqlite::Result<()> {
+    tx.prepare_cached("UPDATE state SET value = ?2 WHERE name = ?1")?
+        .execute(params![name, value as i64])?;
+    Ok(())
+}
+
+fn advance_batched_through(tx: &rusqlite::Transaction<'_>, seq: u64) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "UPDATE state SET value = MAX(value, ?1) WHERE name = 'batched_through'",
+    )?
+    .execute([seq as i64])?;
+    Ok(())
+}
+
+fn release(tx: &rusqlite::Transaction<'_>, batch_seq: u64) -> rusqlite::Result<Released> {
+    let range: Option<(i64, i64)> = tx
+        .prepare_cached("SELECT first_seq, last_seq FROM batches WHERE batch_seq = ?1")?
+        .query_row([batch_seq as i64], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()?;
+    let Some((first, last)) = range else {
+        // Already confirmed (a sink may confirm twice after a reconnect): nothing to release.
+        return Ok(Released::default());
+    };
+    let (rows, bytes): (u64, u64) = tx
+        .prepare_cached(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM records WHERE seq BETWEEN ?1 AND ?2",
+        )?
+        .query_row([first, last], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    tx.prepare_cached("DELETE FROM records WHERE seq BETWEEN ?1 AND ?2")?
+        .execute([first, last])?;
+    tx.prepare_cached("DELETE FROM batches WHERE batch_seq = ?1")?
+        .execute([batch_seq as i64])?;
+    Ok(Released { rows, bytes })
+}
+
+fn dead_letter(
+    tx: &rusqlite::Transaction<'_>,
+    seq: u64,
+    reason: &str,
+    now: i64,
+) -> rusqlite::Result<Released> {
+    let size: Option<u64> = tx
+        .query_row("SELECT size FROM records WHERE seq = ?1", [seq as i64], |row| {
+            row.get(0)
+        })
+        .optional()?;
+    tx.execute(
+        "INSERT OR IGNORE INTO dead_letter (seq, received_at, client_id, topic, qos, payload, reason, moved_at)
+         SELECT seq, received_at, client_id, topic, qos, payload, ?2, ?3 FROM records WHERE seq = ?1",
+        params![seq as i64, reason, now],
+    )?;
+    tx.execute("DELETE FROM records WHERE seq = ?1", [seq as i64])?;
+    advance_batched_through(tx, seq)?;
+    Ok(Released {
+        rows: size.map_or(0, |_| 1),
+        bytes: size.unwrap_or(0),
+    })
+}
+
+pub(super) fn spawn(writer: Writer) -> Result<WriterGuard, JournalError> {
+    let thread = std::thread::Builder::new()
+        .name("journal-writer".into())
+        .spawn(move || writer.run())
+        .map_err(|e| JournalError::Io {
+            path: "journal-writer thread".into(),
+            reason: e.to_string(),
+        })?;
+    Ok(WriterGuard {
+        thread: Some(thread),
+    })
+}

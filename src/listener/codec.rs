@@ -1,0 +1,607 @@
+//! MQTT 3.1.1 and 5.0 packets, read and written with rumqttc's `mqttbytes` codecs, and mapped
+//! onto one protocol-neutral vocabulary (`Inbound`, `Outbound`) so the session logic is written
+//! once.
+//!
+//! Only this module names rumqttc's packet types. The protocol version is fixed by the CONNECT
+//! packet (`read_connect` peeks at its protocol level before choosing a decoder).
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::v4;
+use rumqttc::v5::mqttbytes::v5;
+
+use crate::record::RecordProperties;
+
+/// Which MQTT version a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    V311,
+    V5,
+}
+
+/// What a CONNECT asked for, whatever its version.
+#[derive(Debug, Clone)]
+pub struct ConnectRequest {
+    pub protocol: Protocol,
+    pub client_id: String,
+    pub clean_start: bool,
+    pub keep_alive_secs: u16,
+    pub will: Option<Will>,
+    pub username: Option<String>,
+    /// MQTT 5: how many QoS>0 PUBLISHes the client accepts in flight from us.
+    pub receive_maximum: Option<u16>,
+    /// MQTT 5: the largest packet the client accepts from us.
+    pub max_packet_size: Option<u32>,
+}
+
+/// A Will message, journaled when the agent disconnects abnormally.
+#[derive(Debug, Clone)]
+pub struct Will {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub properties: RecordProperties,
+}
+
+/// An inbound PUBLISH.
+#[derive(Debug, Clone)]
+pub struct InPublish {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub pkid: u16,
+    pub properties: RecordProperties,
+}
+
+/// A packet an agent sent after CONNECT.
+#[derive(Debug)]
+pub enum Inbound {
+    Publish(InPublish),
+    PubAck(u16),
+    PubRec(u16),
+    PubRel(u16),
+    PubComp(u16),
+    Subscribe { pkid: u16, filters: Vec<(String, u8)> },
+    Unsubscribe { pkid: u16, filters: Vec<String> },
+    PingReq,
+    /// `with_will`: MQTT 5 reason 0x04, "disconnect with Will message".
+    Disconnect { with_will: bool },
+    /// A second CONNECT, or a packet only a server sends: a protocol error.
+    Unexpected(&'static str),
+}
+
+/// Why a packet could not be read. Each closes only this agent's connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("packet of {size} bytes exceeds the maximum of {max}")]
+    TooLarge { size: usize, max: usize },
+    #[error("malformed packet: {0}")]
+    Malformed(String),
+    #[error("invalid topic name {0:?}: {1}")]
+    TopicInvalid(String, &'static str),
+    #[error("invalid topic alias: {0}")]
+    TopicAlias(String),
+}
+
+/// Why a first packet was not an acceptable CONNECT.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("first packet is not CONNECT")]
+    NotConnect,
+    #[error("unsupported protocol {name:?} level {level}")]
+    UnsupportedProtocol { name: String, level: u8 },
+    #[error(transparent)]
+    Read(ReadError),
+    /// Malformed CONNECT of a known version (MQTT 5 answers it with CONNACK 0x81).
+    #[error("malformed CONNECT: {1}")]
+    Malformed(Protocol, String),
+}
+
+/// Reason codes the gateway sends, in domain terms; each maps to its MQTT 3.1.1 and 5 form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnAckCode {
+    Accepted,
+    UnsupportedProtocol,
+    ClientIdRejected,
+    Malformed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AckReason {
+    Success,
+    /// The message can never be accepted as sent (e.g. too large to batch); the reason string
+    /// says why. MQTT 5 only (3.1.1 has no way to refuse a PUBLISH but to disconnect).
+    Refused(String),
+    /// A transient failure (journal write failed); the agent may retry.
+    Failed(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisconnectReason {
+    MalformedPacket,
+    ProtocolError,
+    TopicNameInvalid,
+    TopicAliasInvalid,
+    PacketTooLarge,
+    KeepAliveTimeout,
+    SessionTakenOver,
+    ServerShuttingDown,
+    UnspecifiedError,
+}
+
+/// A packet the gateway sends.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    ConnAck {
+        session_present: bool,
+        code: ConnAckCode,
+        assigned_client_id: Option<String>,
+        max_packet_size: u32,
+        receive_maximum: u16,
+    },
+    PubAck { pkid: u16, reason: AckReason },
+    PubRec { pkid: u16, reason: AckReason },
+    PubComp { pkid: u16 },
+    PubRel { pkid: u16 },
+    SubAck { pkid: u16, granted: Vec<Option<u8>> },
+    UnsubAck { pkid: u16, count: usize },
+    PingResp,
+    Publish { topic: String, payload: Bytes, qos: u8, pkid: u16 },
+    /// MQTT 5 only; under 3.1.1 the connection is just closed.
+    Disconnect(DisconnectReason),
+}
+
+fn qos_v4(qos: u8) -> rumqttc::mqttbytes::QoS {
+    match qos {
+        0 => rumqttc::mqttbytes::QoS::AtMostOnce,
+        1 => rumqttc::mqttbytes::QoS::AtLeastOnce,
+        _ => rumqttc::mqttbytes::QoS::ExactlyOnce,
+    }
+}
+
+fn qos_v5(qos: u8) -> rumqttc::v5::mqttbytes::QoS {
+    match qos {
+        0 => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+        1 => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        _ => rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
+    }
+}
+
+/// Checks a PUBLISH topic name: non-empty, no wildcards, no NUL.
+fn check_topic(topic: &str) -> Result<(), ReadError> {
+    if topic.is_empty() {
+        return Err(ReadError::TopicInvalid(topic.into(), "empty"));
+    }
+    if topic.contains(['+', '#']) {
+        return Err(ReadError::TopicInvalid(topic.into(), "wildcards are not allowed in a PUBLISH"));
+    }
+    if topic.contains('\0') {
+        return Err(ReadError::TopicInvalid(topic.into(), "contains NUL"));
+    }
+    Ok(())
+}
+
+/// Reads the variable-length "remaining length"; returns (header length, remaining length),
+/// `Ok(None)` when more bytes are needed.
+fn fixed_header(buf: &[u8]) -> Result<Option<(usize, usize)>, ReadError> {
+    let mut len = 0usize;
+    for (i, byte) in buf.iter().skip(1).take(4).enumerate() {
+        len |= ((byte & 0x7f) as usize) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Ok(Some((i + 2, len)));
+        }
+    }
+    if buf.len() >= 5 {
+        return Err(ReadError::Malformed("remaining length longer than 4 bytes".into()));
+    }
+    Ok(None)
+}
+
+/// Frames and decodes the first packet, which must be CONNECT. `Ok(None)`: need more bytes.
+pub fn read_connect(
+    buf: &mut BytesMut,
+    max_packet_size: usize,
+) -> Result<Option<ConnectRequest>, ConnectError> {
+    let Some((header_len, remaining)) = fixed_header(buf).map_err(ConnectError::Read)? else {
+        return Ok(None);
+    };
+    if buf[0] >> 4 != 1 {
+        return Err(ConnectError::NotConnect);
+    }
+    if header_len + remaining > max_packet_size {
+        return Err(ConnectError::Read(ReadError::TooLarge {
+            size: header_len + remaining,
+            max: max_packet_size,
+        }));
+    }
+    if buf.len() < header_len + remaining {
+        return Ok(None);
+    }
+    // Variable header: protocol name (u16 length + bytes), then the level.
+    let vh = &buf[header_len..header_len + remaining];
+    let name_len = vh
+        .get(..2)
+        .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
+        .ok_or_else(|| ConnectError::Read(ReadError::Malformed("CONNECT too short".into())))?;
+    let name = vh
+        .get(2..2 + name_len)
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .ok_or_else(|| ConnectError::Read(ReadError::Malformed("CONNECT too short".into())))?;
+    let level = *vh
+        .get(2 + name_len)
+        .ok_or_else(|| ConnectError::Read(ReadError::Malformed("CONNECT too short".into())))?;
+    match (name.as_str(), level) {
+        ("MQTT", 4) => match v4::Packet::read(buf, max_packet_size) {
+            Ok(v4::Packet::Connect(c)) => Ok(Some(ConnectRequest {
+                protocol: Protocol::V311,
+                client_id: c.client_id,
+                clean_start: c.clean_session,
+                keep_alive_secs: c.keep_alive,
+                will: c.last_will.map(|w| Will {
+                    topic: w.topic,
+                    payload: w.message,
+                    qos: w.qos as u8,
+                    properties: RecordProperties::default(),
+                }),
+                username: c.login.map(|l| l.username),
+                receive_maximum: None,
+                max_packet_size: None,
+            })),
+            Ok(_) => Err(ConnectError::NotConnect),
+            Err(e) => Err(ConnectError::Malformed(Protocol::V311, e.to_string())),
+        },
+        ("MQTT", 5) => match v5::Packet::read(buf, Some(max_packet_size as u32)) {
+            Ok(v5::Packet::Connect(c, will, login)) => {
+                let will = match will {
+                    Some(w) => {
+                        let topic = String::from_utf8(w.topic.to_vec()).map_err(|_| {
+                            ConnectError::Malformed(Protocol::V5, "Will topic is not UTF-8".into())
+                        })?;
+                        let properties = w
+                            .properties
+                            .map(|props| RecordProperties {
+                                content_type: props.content_type,
+                                user_properties: props.user_properties,
+                                expires_at_ms: props.message_expiry_interval.map(expiry_ms),
+                            })
+                            .unwrap_or_default();
+                        Some(Will {
+                            topic,
+                            payload: w.message,
+                            qos: w.qos as u8,
+                            properties,
+                        })
+                    }
+                    None => None,
+                };
+                let props = c.properties.unwrap_or_default();
+                Ok(Some(ConnectRequest {
+                    protocol: Protocol::V5,
+                    client_id: c.client_id,
+                    clean_start: c.clean_start,
+                    keep_alive_secs: c.keep_alive,
+                    will,
+                    username: login.map(|l| l.username),
+                    receive_maximum: props.receive_maximum,
+                    max_packet_size: props.max_packet_size,
+                }))
+            }
+            Ok(_) => Err(ConnectError::NotConnect),
+            Err(e) => Err(ConnectError::Malformed(Protocol::V5, e.to_string())),
+        },
+        _ => Err(ConnectError::UnsupportedProtocol { name, level }),
+    }
+}
+
+/// Message Expiry Interval (seconds from now) as an absolute time in ms.
+fn expiry_ms(secs: u32) -> i64 {
+    crate::record::now_ms() + secs as i64 * 1000
+}
+
+/// Frames and decodes one packet after CONNECT. `Ok(None)`: need more bytes.
+pub fn read(
+    protocol: Protocol,
+    buf: &mut BytesMut,
+    max_packet_size: usize,
+) -> Result<Option<Inbound>, ReadError> {
+    let Some((header_len, remaining)) = fixed_header(buf)? else {
+        return Ok(None);
+    };
+    if header_len + remaining > max_packet_size {
+        return Err(ReadError::TooLarge {
+            size: header_len + remaining,
+            max: max_packet_size,
+        });
+    }
+    if buf.len() < header_len + remaining {
+        return Ok(None);
+    }
+    match protocol {
+        Protocol::V311 => read_v4(buf, max_packet_size).map(Some),
+        Protocol::V5 => read_v5(buf, max_packet_size).map(Some),
+    }
+}
+
+fn read_v4(buf: &mut BytesMut, max: usize) -> Result<Inbound, ReadError> {
+    use rumqttc::mqttbytes::Error;
+    let packet = v4::Packet::read(buf, max).map_err(|e| match e {
+        Error::TopicNotUtf8 => ReadError::Malformed("topic is not valid UTF-8".into()),
+        other => ReadError::Malformed(other.to_string()),
+    })?;
+    Ok(match packet {
+        v4::Packet::Publish(p) => {
+            check_topic(&p.topic)?;
+            Inbound::Publish(InPublish {
+                topic: p.topic,
+                payload: p.payload,
+                qos: p.qos as u8,
+                pkid: p.pkid,
+                properties: RecordProperties::default(),
+            })
+        }
+        v4::Packet::PubAck(p) => Inbound::PubAck(p.pkid),
+        v4::Packet::PubRec(p) => Inbound::PubRec(p.pkid),
+        v4::Packet::PubRel(p) => Inbound::PubRel(p.pkid),
+        v4::Packet::PubComp(p) => Inbound::PubComp(p.pkid),
+        v4::Packet::Subscribe(s) => Inbound::Subscribe {
+            pkid: s.pkid,
+            filters: s.filters.into_iter().map(|f| (f.path, f.qos as u8)).collect(),
+        },
+        v4::Packet::Unsubscribe(u) => Inbound::Unsubscribe {
+            pkid: u.pkid,
+            filters: u.topics,
+        },
+        v4::Packet::PingReq => Inbound::PingReq,
+        v4::Packet::Disconnect => Inbound::Disconnect { with_will: false },
+        v4::Packet::Connect(_) => Inbound::Unexpected("a second CONNECT"),
+        v4::Packet::ConnAck(_) => Inbound::Unexpected("CONNACK"),
+        v4::Packet::SubAck(_) => Inbound::Unexpected("SUBACK"),
+        v4::Packet::UnsubAck(_) => Inbound::Unexpected("UNSUBACK"),
+        v4::Packet::PingResp => Inbound::Unexpected("PINGRESP"),
+    })
+}
+
+fn read_v5(buf: &mut BytesMut, max: usize) -> Result<Inbound, ReadError> {
+    // MQTT 5 allows DISCONNECT with no reason code (remaining length 0, "normal"); rumqttc 0.25
+    // rejects it as "payload required", so it is answered here.
+    if buf.len() >= 2 && buf[0] == 0xE0 && buf[1] == 0 {
+        let _ = buf.split_to(2);
+        return Ok(Inbound::Disconnect { with_will: false });
+    }
+    let packet = v5::Packet::read(buf, Some(max as u32))
+        .map_err(|e| ReadError::Malformed(e.to_string()))?;
+    Ok(match packet {
+        v5::Packet::Publish(p) => {
+            let props = p.properties.unwrap_or_default();
+            if props.topic_alias.is_some() {
+                return Err(ReadError::TopicAlias(
+                    "topic alias used, but this server's Topic Alias Maximum is 0".into(),
+                ));
+            }
+            let topic = String::from_utf8(p.topic.to_vec())
+                .map_err(|_| ReadError::Malformed("topic is not valid UTF-8".into()))?;
+            check_topic(&topic)?;
+            Inbound::Publish(InPublish {
+                topic,
+                payload: p.payload,
+                qos: p.qos as u8,
+                pkid: p.pkid,
+                properties: RecordProperties {
+                    content_type: props.content_type,
+                    user_properties: props.user_properties,
+                    expires_at_ms: props.message_expiry_interval.map(expiry_ms),
+                },
+            })
+        }
+        v5::Packet::PubAck(p) => Inbound::PubAck(p.pkid),
+        v5::Packet::PubRec(p) => Inbound::PubRec(p.pkid),
+        v5::Packet::PubRel(p) => Inbound::PubRel(p.pkid),
+        v5::Packet::PubComp(p) => Inbound::PubComp(p.pkid),
+        v5::Packet::Subscribe(s) => Inbound::Subscribe {
+            pkid: s.pkid,
+            filters: s.filters.into_iter().map(|f| (f.path, f.qos as u8)).collect(),
+        },
+        v5::Packet::Unsubscribe(u) => Inbound::Unsubscribe {
+            pkid: u.pkid,
+            filters: u.filters,
+        },
+        v5::Packet::PingReq(_) => Inbound::PingReq,
+        v5::Packet::Disconnect(d) => Inbound::Disconnect {
+            with_will: d.reason_code == v5::DisconnectReasonCode::DisconnectWithWillMessage,
+        },
+        v5::Packet::Connect(..) => Inbound::Unexpected("a second CONNECT"),
+        v5::Packet::ConnAck(_) => Inbound::Unexpected("CONNACK"),
+        v5::Packet::SubAck(_) => Inbound::Unexpected("SUBACK"),
+        v5::Packet::UnsubAck(_) => Inbound::Unexpected("UNSUBACK"),
+        v5::Packet::PingResp(_) => Inbound::Unexpected("PINGRESP"),
+        v5::Packet::Auth(_) => Inbound::Unexpected("AUTH (enhanced authentication is not supported)"),
+    })
+}
+
+/// Encodes `packet` for `protocol` onto `out`. Packets with no 3.1.1 form (DISCONNECT) write
+/// nothing under 3.1.1.
+pub fn write(protocol: Protocol, packet: &Outbound, out: &mut BytesMut) {
+    let result = match protocol {
+        Protocol::V311 => write_v4(packet, out).map_err(|e| e.to_string()),
+        Protocol::V5 => write_v5(packet, out).map_err(|e| e.to_string()),
+    };
+    if let Err(e) = result {
+        // Only oversize outbound packets can fail, and we size what we send.
+        tracing::warn!(error = %e, "Failed to encode a packet for an agent.");
+    }
+}
+
+fn write_v4(packet: &Outbound, out: &mut BytesMut) -> Result<usize, rumqttc::mqttbytes::Error> {
+    use v4::ConnectReturnCode as Rc;
+    let max = usize::MAX;
+    let packet = match packet {
+        Outbound::ConnAck {
+            session_present,
+            code,
+            ..
+        } => v4::Packet::ConnAck(v4::ConnAck::new(
+            match code {
+                ConnAckCode::Accepted => Rc::Success,
+                ConnAckCode::UnsupportedProtocol => Rc::RefusedProtocolVersion,
+                ConnAckCode::ClientIdRejected => Rc::BadClientId,
+                ConnAckCode::Malformed => Rc::ServiceUnavailable,
+            },
+            *session_present,
+        )),
+        Outbound::PubAck { pkid, .. } => v4::Packet::PubAck(v4::PubAck::new(*pkid)),
+        Outbound::PubRec { pkid, .. } => v4::Packet::PubRec(v4::PubRec::new(*pkid)),
+        Outbound::PubComp { pkid } => v4::Packet::PubComp(v4::PubComp::new(*pkid)),
+        Outbound::PubRel { pkid } => v4::Packet::PubRel(v4::PubRel::new(*pkid)),
+        Outbound::SubAck { pkid, granted } => v4::Packet::SubAck(v4::SubAck::new(
+            *pkid,
+            granted
+                .iter()
+                .map(|g| match g {
+                    Some(q) => v4::SubscribeReasonCode::Success(qos_v4(*q)),
+                    None => v4::SubscribeReasonCode::Failure,
+                })
+                .collect(),
+        )),
+        Outbound::UnsubAck { pkid, .. } => v4::Packet::UnsubAck(v4::UnsubAck::new(*pkid)),
+        Outbound::PingResp => v4::Packet::PingResp,
+        Outbound::Publish {
+            topic,
+            payload,
+            qos,
+            pkid,
+        } => {
+            let mut p = v4::Publish::from_bytes(topic.clone(), qos_v4(*qos), payload.clone());
+            p.pkid = *pkid;
+            v4::Packet::Publish(p)
+        }
+        Outbound::Disconnect(_) => return Ok(0),
+    };
+    packet.write(out, max)
+}
+
+fn write_v5(packet: &Outbound, out: &mut BytesMut) -> Result<usize, rumqttc::v5::mqttbytes::Error> {
+    use v5::ConnectReturnCode as Rc;
+    let packet = match packet {
+        Outbound::ConnAck {
+            session_present,
+            code,
+            assigned_client_id,
+            max_packet_size,
+            receive_maximum,
+        } => v5::Packet::ConnAck(v5::ConnAck {
+            session_present: *session_present,
+            code: match code {
+                ConnAckCode::Accepted => Rc::Success,
+                ConnAckCode::UnsupportedProtocol => Rc::UnsupportedProtocolVersion,
+                ConnAckCode::ClientIdRejected => Rc::ClientIdentifierNotValid,
+                ConnAckCode::Malformed => Rc::MalformedPacket,
+            },
+            properties: (*code == ConnAckCode::Accepted).then(|| v5::ConnAckProperties {
+                session_expiry_interval: None,
+                receive_max: Some(*receive_maximum),
+                max_qos: None,
+                retain_available: Some(0),
+                max_packet_size: Some(*max_packet_size),
+                assigned_client_identifier: assigned_client_id.clone(),
+                topic_alias_max: Some(0),
+                reason_string: None,
+                user_properties: Vec::new(),
+                wildcard_subscription_available: None,
+                subscription_identifiers_available: Some(0),
+                shared_subscription_available: Some(0),
+                server_keep_alive: None,
+                response_information: None,
+                server_reference: None,
+                authentication_method: None,
+                authentication_data: None,
+            }),
+        }),
+        Outbound::PubAck { pkid, reason } => {
+            let (reason, properties) = ack_reason_v5(reason);
+            v5::Packet::PubAck(v5::PubAck {
+                pkid: *pkid,
+                reason: match reason {
+                    0x00 => v5::PubAckReason::Success,
+                    0x83 => v5::PubAckReason::ImplementationSpecificError,
+                    _ => v5::PubAckReason::UnspecifiedError,
+                },
+                properties: properties.map(|reason_string| v5::PubAckProperties {
+                    reason_string: Some(reason_string),
+                    user_properties: Vec::new(),
+                }),
+            })
+        }
+        Outbound::PubRec { pkid, reason } => {
+            let (reason, properties) = ack_reason_v5(reason);
+            v5::Packet::PubRec(v5::PubRec {
+                pkid: *pkid,
+                reason: match reason {
+                    0x00 => v5::PubRecReason::Success,
+                    0x83 => v5::PubRecReason::ImplementationSpecificError,
+                    _ => v5::PubRecReason::UnspecifiedError,
+                },
+                properties: properties.map(|reason_string| v5::PubRecProperties {
+                    reason_string: Some(reason_string),
+                    user_properties: Vec::new(),
+                }),
+            })
+        }
+        Outbound::PubComp { pkid } => v5::Packet::PubComp(v5::PubComp::new(*pkid, None)),
+        Outbound::PubRel { pkid } => v5::Packet::PubRel(v5::PubRel::new(*pkid, None)),
+        Outbound::SubAck { pkid, granted } => v5::Packet::SubAck(v5::SubAck {
+            pkid: *pkid,
+            return_codes: granted
+                .iter()
+                .map(|g| match g {
+                    Some(q) => v5::SubscribeReasonCode::Success(qos_v5(*q)),
+                    None => v5::SubscribeReasonCode::TopicFilterInvalid,
+                })
+                .collect(),
+            properties: None,
+        }),
+        Outbound::UnsubAck { pkid, count } => v5::Packet::UnsubAck(v5::UnsubAck {
+            pkid: *pkid,
+            reasons: vec![v5::UnsubAckReason::Success; *count],
+            properties: None,
+        }),
+        Outbound::PingResp => v5::Packet::PingResp(v5::PingResp),
+        Outbound::Publish {
+            topic,
+            payload,
+            qos,
+            pkid,
+        } => {
+            let mut p = v5::Publish::new(topic.clone(), qos_v5(*qos), payload.clone(), None);
+            p.pkid = *pkid;
+            v5::Packet::Publish(p)
+        }
+        Outbound::Disconnect(reason) => v5::Packet::Disconnect(v5::Disconnect {
+            reason_code: match reason {
+                DisconnectReason::MalformedPacket => v5::DisconnectReasonCode::MalformedPacket,
+                DisconnectReason::ProtocolError => v5::DisconnectReasonCode::ProtocolError,
+                DisconnectReason::TopicNameInvalid => v5::DisconnectReasonCode::TopicNameInvalid,
+                DisconnectReason::TopicAliasInvalid => v5::DisconnectReasonCode::TopicAliasInvalid,
+                DisconnectReason::PacketTooLarge => v5::DisconnectReasonCode::PacketTooLarge,
+                DisconnectReason::KeepAliveTimeout => v5::DisconnectReasonCode::KeepAliveTimeout,
+                DisconnectReason::SessionTakenOver => v5::DisconnectReasonCode::SessionTakenOver,
+                DisconnectReason::ServerShuttingDown => {
+                    v5::DisconnectReasonCode::ServerShuttingDown
+                }
+                DisconnectReason::UnspecifiedError => v5::DisconnectReasonCode::UnspecifiedError,
+            },
+            properties: None,
+        }),
+    };
+    packet.write(out, None)
+}
+
+/// The MQTT 5 reason byte and reason string for an acknowledgement.
+fn ack_reason_v5(reason: &AckReason) -> (u8, Option<String>) {
+    match reason {
+        AckReason::Success => (0x00, None),
+        AckReason::Refused(why) => (0x83, Some(why.clone())),
+        AckReason::Failed(why) => (0x80, Some(why.clone())),
+    }
+}
+
+#[cfg(test)]
+mod tests;

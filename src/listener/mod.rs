@@ -1,0 +1,108 @@
+//! The agent listener: accepts MQTT 3.1.1 / 5.0 connections over TCP and runs one session task
+//! per connection.
+//!
+//! Guarantees:
+//! - The accept loop never dies: accept errors are logged, counted and backed off.
+//! - A connection's failure stays inside its task; other agents are unaffected.
+//! - On shutdown the loop stops accepting, every session acknowledges what it committed and
+//!   closes, and `run` returns once all of them have ended.
+//!
+//! Only this module (with `codec`) knows MQTT packets; it hands the journal `Record`s.
+
+mod codec;
+mod registry;
+mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+use crate::config::{Config, ListenerConfig};
+use crate::journal::Journal;
+use crate::shutdown::Shutdown;
+use crate::telemetry;
+
+pub use registry::{DeliverError, Delivery, Registry};
+
+/// Per-listener settings the sessions need, resolved from the config once.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub max_packet_size: usize,
+    pub max_inflight: usize,
+    pub connect_timeout: Duration,
+    /// Messages larger than a batch can hold are refused at ingest.
+    pub batch_max_bytes: usize,
+    /// Whether to compute dedup keys (dedup window > 0).
+    pub dedup: bool,
+}
+
+impl Settings {
+    pub fn new(listener: &ListenerConfig, config: &Config) -> Self {
+        Self {
+            max_packet_size: listener.max_packet_size.get() as usize,
+            max_inflight: listener.max_inflight.get() as usize,
+            connect_timeout: Duration::from_millis(listener.connect_timeout_ms.get()),
+            batch_max_bytes: config.batch.max_bytes.get() as usize,
+            dedup: config.journal.dedup_window().is_some(),
+        }
+    }
+}
+
+/// A bound listener, ready to serve.
+pub struct Listener {
+    socket: TcpListener,
+    settings: Arc<Settings>,
+}
+
+impl Listener {
+    /// Binds the address; the error names it.
+    pub async fn bind(addr: SocketAddr, settings: Settings) -> anyhow::Result<Self> {
+        let socket = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        Ok(Self {
+            socket,
+            settings: Arc::new(settings),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// Accepts until `shutdown` fires, then waits for every session to close.
+    pub async fn run(self, journal: Journal, registry: Arc<Registry>, mut shutdown: Shutdown) {
+        let mut sessions = JoinSet::new();
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => break,
+                Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+                accepted = self.socket.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        backoff = Duration::from_millis(10);
+                        sessions.spawn(session::serve(
+                            stream,
+                            peer,
+                            self.settings.clone(),
+                            journal.clone(),
+                            registry.clone(),
+                            shutdown.clone(),
+                        ));
+                    }
+                    Err(e) => {
+                        metrics::counter!(telemetry::REFUSALS, "reason" => "accept_error").increment(1);
+                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "Failed to accept a connection.");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                },
+            }
+        }
+        drop(self.socket);
+        while sessions.join_next().await.is_some() {}
+    }
+}

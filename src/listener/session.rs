@@ -1,0 +1,670 @@
+//! One agent connection: CONNECT, then PUBLISH/acknowledge until it ends.
+//!
+//! Guarantees:
+//! - A QoS 1 PUBACK (QoS 2 PUBREC) is written only after the journal committed the message;
+//!   acknowledgements go out in the order the PUBLISHes came in.
+//! - At most `maxInflight` messages await their commit; beyond that the socket is not read, so
+//!   TCP and MQTT flow control hold the agent back. Memory per connection is bounded.
+//! - A bad packet closes only this connection (MQTT 5: with the DISCONNECT reason code). Before
+//!   closing, messages already received are committed and acknowledged where possible.
+//! - A QoS 2 message is journaled once per packet id until its PUBREL.
+//! - The Will is journaled when the connection ends without a DISCONNECT (or with reason 0x04).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::oneshot;
+use tracing::Instrument;
+use tokio::time::Instant;
+
+use super::codec::{
+    self, AckReason, ConnAckCode, ConnectError, ConnectRequest, DisconnectReason, Inbound,
+    InPublish, Outbound, Protocol, ReadError,
+};
+use super::registry::{Delivery, Registry, SessionState, Takeover};
+use super::Settings;
+use crate::envelope;
+use crate::journal::{Appended, Journal, JournalError};
+use crate::record::{JournaledRecord, Record, now_ms};
+use crate::shutdown::Shutdown;
+use crate::telemetry;
+
+/// Outbound QoS 1 deliveries unacknowledged at once, at most (or the agent's Receive Maximum).
+const OUTBOUND_WINDOW: usize = 32;
+/// How long closing waits for pending commits so their acknowledgements can still be sent.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+type CommitReceiver = oneshot::Receiver<Result<Appended, JournalError>>;
+
+/// A message received and not yet acknowledged.
+struct PendingAck {
+    pkid: u16,
+    qos: u8,
+    /// `None`: nothing to wait for (a QoS 2 re-send already journaled).
+    commit: Option<CommitReceiver>,
+}
+
+/// How a connection ended, which decides the Will and the log line.
+#[derive(Debug)]
+enum Close {
+    /// The agent sent DISCONNECT; `with_will` for MQTT 5 reason 0x04.
+    Normal { with_will: bool },
+    /// The socket closed or failed without DISCONNECT.
+    Dropped(String),
+    /// The gateway closed it for a reason the agent is told (MQTT 5).
+    Refused(DisconnectReason, String),
+    /// A newer connection with the same client id.
+    TakenOver(Takeover),
+    /// The gateway is shutting down.
+    Shutdown,
+}
+
+/// Serves one accepted TCP connection to its end. Never panics on network input.
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    settings: Arc<Settings>,
+    journal: Journal,
+    registry: Arc<Registry>,
+    shutdown: Shutdown,
+) {
+    let _ = stream.set_nodelay(true);
+    let (reader, writer) = stream.into_split();
+    let mut conn = Connection {
+        reader,
+        writer,
+        read_buf: BytesMut::with_capacity(8 * 1024),
+        write_buf: BytesMut::with_capacity(8 * 1024),
+        protocol: Protocol::V311,
+        settings,
+        journal,
+    };
+    let request = match conn.read_connect().await {
+        Ok(request) => request,
+        Err(why) => {
+            tracing::debug!(%peer, reason = %why, "Connection closed before session start.");
+            return;
+        }
+    };
+    conn.protocol = request.protocol;
+    let span = tracing::info_span!("agent", client_id = %request.client_id, %peer);
+    conn.run_session(request, peer, registry, shutdown)
+        .instrument(span)
+        .await;
+}
+
+struct Connection {
+    reader: OwnedReadHalf,
+    writer: OwnedWriteHalf,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    protocol: Protocol,
+    settings: Arc<Settings>,
+    journal: Journal,
+}
+
+impl Connection {
+    fn max_packet(&self) -> usize {
+        self.settings.max_packet_size
+    }
+
+    fn send(&mut self, packet: Outbound) {
+        codec::write(self.protocol, &packet, &mut self.write_buf);
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.write_buf.is_empty() {
+            let result = self.writer.write_all(&self.write_buf).await;
+            self.write_buf.clear();
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Reads the CONNECT within the deadline and answers refusals; returns an accepted request
+    /// (with the client id assigned when it was empty).
+    async fn read_connect(&mut self) -> Result<ConnectRequest, String> {
+        let deadline = Instant::now() + self.settings.connect_timeout;
+        let result = loop {
+            let max_packet = self.max_packet();
+            match codec::read_connect(&mut self.read_buf, max_packet) {
+                Ok(Some(request)) => break Ok(request),
+                Ok(None) => {}
+                Err(e) => break Err(e),
+            }
+            match tokio::time::timeout_at(deadline, self.reader.read_buf(&mut self.read_buf)).await
+            {
+                Err(_) => return Err("no CONNECT in time".into()),
+                Ok(Ok(0)) => return Err("closed".into()),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.to_string()),
+            }
+        };
+        let refuse = |code, reason: String| (code, reason);
+        let (protocol, code, reason) = match result {
+            Ok(mut request) => {
+                if request.client_id.is_empty() {
+                    if !request.clean_start {
+                        self.protocol = request.protocol;
+                        metrics::counter!(telemetry::REFUSALS, "reason" => "empty_client_id").increment(1);
+                        let (code, reason) = refuse(
+                            ConnAckCode::ClientIdRejected,
+                            "empty client id with a persistent session".to_string(),
+                        );
+                        (request.protocol, code, reason)
+                    } else {
+                        request.client_id = format!("gatehouse-{:016x}", rand_id());
+                        return Ok(request);
+                    }
+                } else {
+                    return Ok(request);
+                }
+            }
+            Err(ConnectError::UnsupportedProtocol { name, level }) => (
+                Protocol::V311,
+                ConnAckCode::UnsupportedProtocol,
+                format!("unsupported protocol {name:?} level {level}"),
+            ),
+            Err(ConnectError::Malformed(protocol, why)) => {
+                (protocol, ConnAckCode::Malformed, format!("malformed CONNECT: {why}"))
+            }
+            Err(e) => {
+                metrics::counter!(telemetry::REFUSALS, "reason" => "bad_connect").increment(1);
+                return Err(e.to_string());
+            }
+        };
+        metrics::counter!(telemetry::REFUSALS, "reason" => "bad_connect").increment(1);
+        self.protocol = protocol;
+        // MQTT 3.1.1 has no "malformed" CONNACK: just close.
+        if !(protocol == Protocol::V311 && code == ConnAckCode::Malformed) {
+            self.send(Outbound::ConnAck {
+                session_present: false,
+                code,
+                assigned_client_id: None,
+                max_packet_size: self.max_packet() as u32,
+                receive_maximum: self.settings.max_inflight as u16,
+            });
+            let _ = self.flush().await;
+        }
+        let _ = self.writer.shutdown().await;
+        Err(reason)
+    }
+
+    async fn run_session(
+        mut self,
+        request: ConnectRequest,
+        peer: SocketAddr,
+        registry: Arc<Registry>,
+        mut shutdown: Shutdown,
+    ) {
+        let client_id = request.client_id.clone();
+        let mut registration = registry.register(&client_id, request.clean_start).await;
+        metrics::counter!(telemetry::CONNECTIONS_TOTAL).increment(1);
+        metrics::gauge!(telemetry::CONNECTIONS).increment(1.0);
+        tracing::debug!(
+            protocol = ?request.protocol,
+            clean_start = request.clean_start,
+            keep_alive = request.keep_alive_secs,
+            username = request.username.as_deref().unwrap_or(""),
+            "Agent connected."
+        );
+        self.send(Outbound::ConnAck {
+            session_present: registration.session_present,
+            code: ConnAckCode::Accepted,
+            assigned_client_id: request.client_id_assigned(),
+            max_packet_size: self.max_packet() as u32,
+            receive_maximum: self.settings.max_inflight.min(u16::MAX as usize) as u16,
+        });
+
+        let mut session = Session {
+            client_id: client_id.clone(),
+            state: std::mem::take(&mut registration.state),
+            pending: VecDeque::new(),
+            will: request.will.clone(),
+            outbound: HashMap::new(),
+            next_pkid: 1,
+            max_packet_out: request.max_packet_size.map_or(usize::MAX, |m| m as usize),
+            window: request
+                .receive_maximum
+                .map_or(OUTBOUND_WINDOW, |m| (m as usize).min(OUTBOUND_WINDOW))
+                .max(1),
+        };
+        let keep_alive = match request.keep_alive_secs {
+            0 => None,
+            secs => Some(Duration::from_millis(secs as u64 * 1500)),
+        };
+        let close = self
+            .event_loop(&mut session, &mut registration, keep_alive, &mut shutdown)
+            .await;
+        let close = self.finish(&mut session, close).await;
+
+        // The Will: journaled on any end but a normal DISCONNECT or our own shutdown.
+        let will_due = match &close {
+            Close::Normal { with_will } => *with_will,
+            Close::Shutdown => false,
+            Close::Dropped(_) | Close::Refused(..) | Close::TakenOver(_) => true,
+        };
+        if will_due && let Some(will) = session.will.take() {
+            self.journal_will(&client_id, will).await;
+        }
+        // Unacknowledged deliveries go back to the session for the next connection.
+        let mut state = std::mem::take(&mut session.state);
+        let mut unacked: Vec<_> = session.outbound.drain().collect();
+        unacked.sort_by_key(|(pkid, _)| *pkid);
+        for (_, delivery) in unacked.into_iter().rev() {
+            state.undelivered.push_front(delivery);
+        }
+        while let Ok(delivery) = registration.deliveries.try_recv() {
+            state.undelivered.push_back(delivery);
+        }
+        match &close {
+            Close::Normal { .. } | Close::Shutdown => tracing::debug!(?close, "Agent disconnected."),
+            Close::TakenOver(_) => tracing::info!("Session taken over by a new connection."),
+            Close::Dropped(why) => tracing::debug!(reason = %why, "Agent connection dropped."),
+            Close::Refused(reason, why) => {
+                metrics::counter!(telemetry::DISCONNECTS, "reason" => format!("{reason:?}")).increment(1);
+                tracing::warn!(%peer, ?reason, why = %why, "Disconnected agent for a protocol violation.");
+            }
+        }
+        if let Close::TakenOver(handover) = close {
+            let _ = handover.send(state);
+        } else {
+            let keep = !request.clean_start;
+            registry.unregister(&client_id, registration.conn_id, keep.then_some(state));
+        }
+        metrics::gauge!(telemetry::CONNECTIONS).decrement(1.0);
+    }
+
+    async fn event_loop(
+        &mut self,
+        session: &mut Session,
+        registration: &mut super::registry::Registration,
+        keep_alive: Option<Duration>,
+        shutdown: &mut Shutdown,
+    ) -> Close {
+        // Resend what a previous connection left undelivered.
+        while session.outbound.len() < session.window
+            && let Some(delivery) = session.state.undelivered.pop_front()
+        {
+            session.send_delivery(self, delivery);
+        }
+        let mut last_heard = Instant::now();
+        loop {
+            if let Err(e) = self.flush().await {
+                return Close::Dropped(e.to_string());
+            }
+            let can_read = session.pending.len() < self.settings.max_inflight;
+            let can_deliver = session.outbound.len() < session.window;
+            let expires = keep_alive.map(|ka| last_heard + ka);
+            enum Event {
+                Committed(Result<Result<Appended, JournalError>, oneshot::error::RecvError>),
+                Read(std::io::Result<usize>),
+                Deliver(Option<Delivery>),
+                Takeover(Takeover),
+                KeepAliveExpired,
+                Shutdown,
+            }
+            let event = tokio::select! {
+                biased;
+                result = next_commit(&mut session.pending), if !session.pending.is_empty() => Event::Committed(result),
+                _ = shutdown.wait() => Event::Shutdown,
+                Ok(handover) = &mut registration.takeover => Event::Takeover(handover),
+                result = self.reader.read_buf(&mut self.read_buf), if can_read => Event::Read(result),
+                delivery = registration.deliveries.recv(), if can_deliver => Event::Deliver(delivery),
+                _ = sleep_until_opt(expires) => Event::KeepAliveExpired,
+            };
+            match event {
+                Event::Committed(result) => {
+                    let pending = session.pending.pop_front().expect("pending is not empty");
+                    if let Some(close) = session.acknowledge(self, pending, result) {
+                        return close;
+                    }
+                }
+                Event::Read(Ok(0)) => return Close::Dropped("connection closed by peer".into()),
+                Event::Read(Err(e)) => return Close::Dropped(e.to_string()),
+                Event::Read(Ok(_)) => {
+                    last_heard = Instant::now();
+                    loop {
+                        let max_packet = self.max_packet();
+                        let packet = match codec::read(self.protocol, &mut self.read_buf, max_packet) {
+                            Ok(Some(packet)) => packet,
+                            Ok(None) => break,
+                            Err(e) => return refused_for(&e),
+                        };
+                        if let Some(close) = session.handle(self, packet).await {
+                            return close;
+                        }
+                    }
+                }
+                Event::Deliver(Some(delivery)) => session.send_delivery(self, delivery),
+                Event::Deliver(None) => {}
+                Event::Takeover(handover) => return Close::TakenOver(handover),
+                Event::KeepAliveExpired => {
+                    return Close::Refused(
+                        DisconnectReason::KeepAliveTimeout,
+                        "nothing heard within 1.5 x keep-alive".into(),
+                    );
+                }
+                Event::Shutdown => return Close::Shutdown,
+            }
+        }
+    }
+
+    /// Acknowledges what is still pending (bounded wait), tells an MQTT 5 agent why, and closes.
+    async fn finish(&mut self, session: &mut Session, close: Close) -> Close {
+        let deadline = Instant::now() + CLOSE_GRACE;
+        let socket_alive = !matches!(close, Close::Dropped(_));
+        while let Some(mut pending) = session.pending.pop_front() {
+            let result = match pending.commit.as_mut() {
+                Some(rx) => match tokio::time::timeout_at(deadline, rx).await {
+                    Ok(result) => result,
+                    Err(_) => break,
+                },
+                None => Ok(Ok(Appended::Duplicate)),
+            };
+            if socket_alive {
+                // A further failure here only means fewer acknowledgements; close as planned.
+                let _ = session.acknowledge(self, pending, result);
+            }
+        }
+        if socket_alive {
+            let reason = match &close {
+                Close::Refused(reason, _) => Some(*reason),
+                Close::TakenOver(_) => Some(DisconnectReason::SessionTakenOver),
+                Close::Shutdown => Some(DisconnectReason::ServerShuttingDown),
+                Close::Normal { .. } | Close::Dropped(_) => None,
+            };
+            if let Some(reason) = reason {
+                self.send(Outbound::Disconnect(reason));
+            }
+            let _ = self.flush().await;
+            let _ = self.writer.shutdown().await;
+        }
+        close
+    }
+
+    async fn journal_will(&self, client_id: &str, will: codec::Will) {
+        let record = Record {
+            received_at_ms: now_ms(),
+            client_id: client_id.to_string(),
+            topic: will.topic,
+            qos: will.qos,
+            payload: will.payload,
+            properties: will.properties,
+        };
+        // Wills are not deduplicated: the same "agent lost" message may legitimately repeat.
+        match self.journal.append(record, None).await {
+            Ok(rx) => match rx.await {
+                Ok(Ok(_)) => {
+                    metrics::counter!(telemetry::MESSAGES_IN, "kind" => "will").increment(1);
+                    tracing::debug!("Journaled the agent's Will.");
+                }
+                Ok(Err(e)) => tracing::error!(error = %e, "Failed to journal the agent's Will."),
+                Err(_) => tracing::error!("Journal closed before the agent's Will was committed."),
+            },
+            Err(e) => tracing::error!(error = %e, "Failed to journal the agent's Will."),
+        }
+    }
+}
+
+/// The connection-independent session logic.
+struct Session {
+    client_id: String,
+    state: SessionState,
+    pending: VecDeque<PendingAck>,
+    will: Option<codec::Will>,
+    /// Outbound QoS 1 deliveries awaiting the agent's PUBACK, by packet id.
+    outbound: HashMap<u16, Delivery>,
+    next_pkid: u16,
+    /// The agent's Maximum Packet Size (MQTT 5): larger deliveries are dropped, as the spec says.
+    max_packet_out: usize,
+    window: usize,
+}
+
+impl Session {
+    async fn handle(&mut self, conn: &mut Connection, packet: Inbound) -> Option<Close> {
+        match packet {
+            Inbound::Publish(publish) => return self.publish(conn, publish).await,
+            Inbound::PubRel(pkid) => {
+                self.state.awaiting_rel.remove(&pkid);
+                conn.send(Outbound::PubComp { pkid });
+            }
+            Inbound::PubAck(pkid) => {
+                self.outbound.remove(&pkid);
+            }
+            Inbound::PubRec(pkid) => {
+                // We deliver at QoS 1 at most; answer anyway so a confused agent moves on.
+                self.outbound.remove(&pkid);
+                conn.send(Outbound::PubRel { pkid });
+            }
+            Inbound::PubComp(pkid) => {
+                self.outbound.remove(&pkid);
+            }
+            Inbound::Subscribe { pkid, filters } => {
+                let granted = filters
+                    .into_iter()
+                    .map(|(filter, qos)| {
+                        if !rumqttc::valid_filter(&filter) {
+                            return None;
+                        }
+                        let qos = qos.min(1);
+                        self.state.subscriptions.retain(|(f, _)| *f != filter);
+                        self.state.subscriptions.push((filter, qos));
+                        Some(qos)
+                    })
+                    .collect();
+                conn.send(Outbound::SubAck { pkid, granted });
+            }
+            Inbound::Unsubscribe { pkid, filters } => {
+                self.state
+                    .subscriptions
+                    .retain(|(f, _)| !filters.contains(f));
+                conn.send(Outbound::UnsubAck {
+                    pkid,
+                    count: filters.len(),
+                });
+            }
+            Inbound::PingReq => conn.send(Outbound::PingResp),
+            Inbound::Disconnect { with_will } => return Some(Close::Normal { with_will }),
+            Inbound::Unexpected(what) => {
+                return Some(Close::Refused(
+                    DisconnectReason::ProtocolError,
+                    format!("unexpected {what}"),
+                ));
+            }
+        }
+        None
+    }
+
+    async fn publish(&mut self, conn: &mut Connection, publish: InPublish) -> Option<Close> {
+        metrics::counter!(telemetry::MESSAGES_IN).increment(1);
+        metrics::counter!(telemetry::BYTES_IN).increment(publish.payload.len() as u64);
+        let InPublish {
+            topic,
+            payload,
+            qos,
+            pkid,
+            properties,
+        } = publish;
+        if qos == 2 && self.state.awaiting_rel.contains(&pkid) {
+            // A re-sent QoS 2 PUBLISH we already journaled: acknowledge, do not store twice.
+            self.pending.push_back(PendingAck {
+                pkid,
+                qos,
+                commit: None,
+            });
+            return None;
+        }
+        let record = Record {
+            received_at_ms: now_ms(),
+            client_id: self.client_id.clone(),
+            topic,
+            qos,
+            payload,
+            properties,
+        };
+        let max_batch = conn.settings.batch_max_bytes;
+        let probe = JournaledRecord {
+            seq: u64::MAX,
+            record,
+        };
+        if !envelope::fits_alone(&probe, max_batch) {
+            metrics::counter!(telemetry::REFUSALS, "reason" => "too_large_for_batch").increment(1);
+            let why = format!(
+                "message of {} bytes cannot fit in one upstream batch (batch.maxBytes = {max_batch})",
+                probe.record.payload.len()
+            );
+            tracing::warn!(topic = %probe.record.topic, %why, "Refused a message.");
+            return match (conn.protocol, qos) {
+                (Protocol::V5, 1) => {
+                    conn.send(Outbound::PubAck {
+                        pkid,
+                        reason: AckReason::Refused(why),
+                    });
+                    None
+                }
+                (Protocol::V5, 2) => {
+                    conn.send(Outbound::PubRec {
+                        pkid,
+                        reason: AckReason::Refused(why),
+                    });
+                    None
+                }
+                (Protocol::V5, _) => None,
+                (Protocol::V311, _) => Some(Close::Refused(DisconnectReason::PacketTooLarge, why)),
+            };
+        }
+        let record = probe.record;
+        let key = conn
+            .settings
+            .dedup
+            .then(|| crate::journal::dedup_key(&record.topic, &record.payload));
+        if qos == 0 {
+            if let Err(e) = conn.journal.append_unacknowledged(record, key).await {
+                return Some(Close::Refused(DisconnectReason::UnspecifiedError, e.to_string()));
+            }
+            return None;
+        }
+        match conn.journal.append(record, key).await {
+            Ok(commit) => {
+                if qos == 2 {
+                    self.state.awaiting_rel.insert(pkid);
+                }
+                self.pending.push_back(PendingAck {
+                    pkid,
+                    qos,
+                    commit: Some(commit),
+                });
+                None
+            }
+            Err(e) => Some(Close::Refused(DisconnectReason::UnspecifiedError, e.to_string())),
+        }
+    }
+
+    /// Sends the acknowledgement for a commit outcome. Returns a close when the outcome leaves
+    /// no way to answer the agent but to disconnect (MQTT 3.1.1 on a journal failure).
+    fn acknowledge(
+        &mut self,
+        conn: &mut Connection,
+        pending: PendingAck,
+        result: Result<Result<Appended, JournalError>, oneshot::error::RecvError>,
+    ) -> Option<Close> {
+        let reason = match result {
+            Ok(Ok(_)) => AckReason::Success,
+            Ok(Err(e)) => AckReason::Failed(e.to_string()),
+            Err(_) => AckReason::Failed(JournalError::Closed.to_string()),
+        };
+        if let AckReason::Failed(why) = &reason {
+            metrics::counter!(telemetry::REFUSALS, "reason" => "journal_error").increment(1);
+            if pending.qos == 2 {
+                self.state.awaiting_rel.remove(&pending.pkid);
+            }
+            if conn.protocol == Protocol::V311 {
+                return Some(Close::Refused(DisconnectReason::UnspecifiedError, why.clone()));
+            }
+        }
+        let pkid = pending.pkid;
+        conn.send(match pending.qos {
+            2 => Outbound::PubRec { pkid, reason },
+            _ => Outbound::PubAck { pkid, reason },
+        });
+        None
+    }
+
+    fn send_delivery(&mut self, conn: &mut Connection, delivery: Delivery) {
+        // Fixed header, topic, packet id and an empty property block, generously counted.
+        if delivery.payload.len() + delivery.topic.len() + 16 > self.max_packet_out {
+            metrics::counter!(telemetry::REFUSALS, "reason" => "delivery_too_large").increment(1);
+            tracing::warn!(topic = %delivery.topic, "Dropped a delivery larger than the agent's Maximum Packet Size.");
+            return;
+        }
+        let qos = delivery.qos.min(1);
+        let pkid = if qos == 0 {
+            0
+        } else {
+            let mut pkid = self.next_pkid;
+            while pkid == 0 || self.outbound.contains_key(&pkid) {
+                pkid = pkid.wrapping_add(1);
+            }
+            self.next_pkid = pkid.wrapping_add(1);
+            pkid
+        };
+        conn.send(Outbound::Publish {
+            topic: delivery.topic.clone(),
+            payload: delivery.payload.clone(),
+            qos,
+            pkid,
+        });
+        if qos == 1 {
+            self.outbound.insert(pkid, delivery);
+        }
+    }
+}
+
+impl ConnectRequest {
+    /// The id to report in CONNACK when the gateway assigned it.
+    fn client_id_assigned(&self) -> Option<String> {
+        (self.protocol == Protocol::V5 && self.client_id.starts_with("gatehouse-"))
+            .then(|| self.client_id.clone())
+    }
+}
+
+fn refused_for(e: &ReadError) -> Close {
+    let reason = match e {
+        ReadError::TooLarge { .. } => DisconnectReason::PacketTooLarge,
+        ReadError::Malformed(_) => DisconnectReason::MalformedPacket,
+        ReadError::TopicInvalid(..) => DisconnectReason::TopicNameInvalid,
+        ReadError::TopicAlias(_) => DisconnectReason::TopicAliasInvalid,
+    };
+    Close::Refused(reason, e.to_string())
+}
+
+async fn next_commit(
+    pending: &mut VecDeque<PendingAck>,
+) -> Result<Result<Appended, JournalError>, oneshot::error::RecvError> {
+    match pending.front_mut().and_then(|p| p.commit.as_mut()) {
+        Some(rx) => rx.await,
+        None => Ok(Ok(Appended::Duplicate)),
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A random 64-bit id for assigned client ids.
+fn rand_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_i64(now_ms());
+    h.finish()
+}

@@ -1,0 +1,75 @@
+//! Metric names, their descriptions, and the optional admin listener serving them.
+//!
+//! Every counter and gauge the gateway keeps is named here, so the set is visible in one place.
+//! Labels are bounded (reasons, never client ids or topics).
+
+use std::net::SocketAddr;
+
+pub const CONNECTIONS: &str = "gatehouse_connections";
+pub const CONNECTIONS_TOTAL: &str = "gatehouse_connections_total";
+pub const MESSAGES_IN: &str = "gatehouse_messages_in_total";
+pub const BYTES_IN: &str = "gatehouse_bytes_in_total";
+pub const MESSAGES_JOURNALED: &str = "gatehouse_messages_journaled_total";
+pub const DUPLICATES_DROPPED: &str = "gatehouse_duplicates_dropped_total";
+pub const REFUSALS: &str = "gatehouse_refusals_total";
+pub const DISCONNECTS: &str = "gatehouse_disconnects_total";
+pub const JOURNAL_ROWS: &str = "gatehouse_journal_rows";
+pub const JOURNAL_BYTES: &str = "gatehouse_journal_bytes";
+pub const JOURNAL_COMMIT_SECONDS: &str = "gatehouse_journal_commit_seconds";
+pub const JOURNAL_WRITE_ERRORS: &str = "gatehouse_journal_write_errors_total";
+pub const JOURNAL_QUARANTINED: &str = "gatehouse_journal_quarantined_total";
+pub const DEAD_LETTERED: &str = "gatehouse_dead_lettered_total";
+pub const BATCHES_OUT: &str = "gatehouse_batches_out_total";
+pub const BATCH_RECORDS: &str = "gatehouse_batch_records";
+pub const BATCH_BYTES: &str = "gatehouse_batch_bytes";
+pub const BATCH_RAW_BYTES_TOTAL: &str = "gatehouse_batch_raw_bytes_total";
+pub const BATCH_BYTES_TOTAL: &str = "gatehouse_batch_bytes_total";
+pub const COMPRESSION_RATIO: &str = "gatehouse_compression_ratio";
+pub const BILLING_UNITS: &str = "gatehouse_billing_units_total";
+pub const BATCHES_CONFIRMED: &str = "gatehouse_batches_confirmed_total";
+pub const SINK_ERRORS: &str = "gatehouse_sink_errors_total";
+pub const SINK_INFLIGHT: &str = "gatehouse_sink_inflight_batches";
+
+/// Installs the metrics recorder. With an admin address, also serves Prometheus text at
+/// `http://ADDR/metrics`. Must run inside the tokio runtime.
+pub fn install(admin: Option<SocketAddr>) -> anyhow::Result<()> {
+    let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+    if let Some(addr) = admin {
+        builder = builder.with_http_listener(addr);
+        builder.install()?;
+        tracing::info!(%addr, "Serving metrics.");
+    } else {
+        // Keep counting (a later admin listener or a test may read it), serve nothing.
+        builder.install_recorder()?;
+    }
+    describe();
+    Ok(())
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(CONNECTIONS, "Agent connections open now.");
+    describe_counter!(CONNECTIONS_TOTAL, "Agent connections accepted.");
+    describe_counter!(MESSAGES_IN, "PUBLISH packets accepted from agents.");
+    describe_counter!(BYTES_IN, "Payload bytes accepted from agents.");
+    describe_counter!(MESSAGES_JOURNALED, "Records committed to the journal.");
+    describe_counter!(DUPLICATES_DROPPED, "Messages acknowledged but not journaled: seen within the dedup window.");
+    describe_counter!(REFUSALS, "Messages or connections refused, by reason.");
+    describe_counter!(DISCONNECTS, "Agent connections closed by the gateway, by reason.");
+    describe_gauge!(JOURNAL_ROWS, "Records in the journal awaiting upstream confirmation.");
+    describe_gauge!(JOURNAL_BYTES, "Bytes those records are charged.");
+    describe_histogram!(JOURNAL_COMMIT_SECONDS, "Time to run and commit one journal group.");
+    describe_counter!(JOURNAL_WRITE_ERRORS, "Journal transactions that failed and were rolled back.");
+    describe_counter!(JOURNAL_QUARANTINED, "Corrupt journal files moved aside at start-up.");
+    describe_counter!(DEAD_LETTERED, "Records moved to dead_letter, undeliverable.");
+    describe_counter!(BATCHES_OUT, "Batches sealed and handed to the sink.");
+    describe_histogram!(BATCH_RECORDS, "Records per batch.");
+    describe_histogram!(BATCH_BYTES, "Payload bytes per batch, after compression.");
+    describe_counter!(BATCH_RAW_BYTES_TOTAL, "Uncompressed record-stream bytes batched.");
+    describe_counter!(BATCH_BYTES_TOTAL, "Batch payload bytes after compression.");
+    describe_gauge!(COMPRESSION_RATIO, "Raw/compressed size of the last batch.");
+    describe_counter!(BILLING_UNITS, "IoT Core 5 KB metering units the batches cost.");
+    describe_counter!(BATCHES_CONFIRMED, "Batches the sink confirmed; their rows were released.");
+    describe_counter!(SINK_ERRORS, "Sink failures, by reason.");
+    describe_gauge!(SINK_INFLIGHT, "Batches handed to the sink and not yet confirmed.");
+}
