@@ -1,0 +1,179 @@
+//! Journal against a real SQLite file: commit-before-ack, restart, dedup, batches, locking.
+
+use super::*;
+use crate::config::JournalConfig;
+use crate::record::RecordProperties;
+
+fn config(dir: &tempfile::TempDir, dedup_window_secs: u64) -> JournalConfig {
+    let mut config = JournalConfig::default();
+    config.path = dir.path().join("journal.db");
+    config.dedup_window_secs = serde_json::from_value(dedup_window_secs.into()).unwrap();
+    config
+}
+
+fn record(topic: &str, payload: &str) -> Record {
+    Record {
+        received_at_ms: crate::record::now_ms(),
+        client_id: "agent-1".into(),
+        topic: topic.into(),
+        qos: 1,
+        payload: Bytes::copy_from_slice(payload.as_bytes()),
+        properties: RecordProperties::default(),
+    }
+}
+
+async fn append(journal: &Journal, topic: &str, payload: &str) -> Appended {
+    let key = dedup_key(topic, payload.as_bytes());
+    journal
+        .append(record(topic, payload), Some(key))
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+fn close(journal: Journal, reader: JournalReader, guard: WriterGuard) {
+    drop(journal);
+    drop(reader);
+    guard.join();
+}
+
+#[tokio::test]
+async fn committed_records_survive_reopen_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, reader, guard) = open(&config(&dir, 0)).unwrap();
+    let mut seqs = Vec::new();
+    for i in 0..10 {
+        match append(&journal, "t", &format!("m{i}")).await {
+            Appended::Journaled(seq) => seqs.push(seq),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert_eq!(*journal.committed().borrow(), *seqs.last().unwrap());
+    close(journal, reader, guard);
+
+    let (journal, reader, guard) = open(&config(&dir, 0)).unwrap();
+    let records = reader.records_after(0, 100, usize::MAX).await.unwrap();
+    let payloads: Vec<_> = records.iter().map(|r| r.record.payload.clone()).collect();
+    let expected: Vec<_> = (0..10).map(|i| Bytes::from(format!("m{i}"))).collect();
+    assert_eq!(payloads, expected);
+    assert_eq!(*journal.committed().borrow(), *seqs.last().unwrap());
+    close(journal, reader, guard);
+}
+
+#[tokio::test]
+async fn duplicates_within_window_are_dropped_also_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, reader, guard) = open(&config(&dir, 600)).unwrap();
+    assert!(matches!(append(&journal, "t", "same").await, Appended::Journaled(_)));
+    assert_eq!(append(&journal, "t", "same").await, Appended::Duplicate);
+    // Same payload on another topic is a different message.
+    assert!(matches!(append(&journal, "u", "same").await, Appended::Journaled(_)));
+    close(journal, reader, guard);
+
+    let (journal, reader, guard) = open(&config(&dir, 600)).unwrap();
+    assert_eq!(append(&journal, "t", "same").await, Appended::Duplicate);
+    assert_eq!(reader.counts().await.unwrap().0, 2);
+    close(journal, reader, guard);
+}
+
+#[tokio::test]
+async fn a_key_is_accepted_again_once_its_window_has_passed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, reader, guard) = open(&config(&dir, 1)).unwrap();
+    assert!(matches!(append(&journal, "t", "x").await, Appended::Journaled(_)));
+    assert_eq!(append(&journal, "t", "x").await, Appended::Duplicate);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert!(matches!(append(&journal, "t", "x").await, Appended::Journaled(_)));
+    close(journal, reader, guard);
+}
+
+#[tokio::test]
+async fn rows_are_released_only_when_their_batch_is_confirmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, reader, guard) = open(&config(&dir, 0)).unwrap();
+    for i in 0..6 {
+        append(&journal, "t", &format!("m{i}")).await;
+    }
+    let batch = SealedBatch {
+        batch_seq: 1,
+        sink: "directory".into(),
+        first_seq: 1,
+        last_seq: 4,
+        record_count: 4,
+        created_at: 0,
+        payload: Bytes::from_static(b"payload-1"),
+    };
+    journal.seal(batch).await.unwrap();
+    assert_eq!(reader.counts().await.unwrap().0, 6);
+    let state = reader.batcher_state().await.unwrap();
+    assert_eq!(state, BatcherState { next_batch_seq: 2, batched_through: 4 });
+    close(journal, reader, guard);
+
+    // After a restart the unconfirmed batch is still there, byte for byte.
+    let (journal, reader, guard) = open(&config(&dir, 0)).unwrap();
+    let stored = reader.unconfirmed_batches("directory").await.unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].payload, Bytes::from_static(b"payload-1"));
+    let released = journal.confirm(1).await.unwrap();
+    assert_eq!(released.rows, 4);
+    assert_eq!(reader.counts().await.unwrap().0, 2);
+    assert!(reader.unconfirmed_batches("directory").await.unwrap().is_empty());
+    // A second confirmation of the same batch releases nothing more.
+    assert_eq!(journal.confirm(1).await.unwrap(), Released::default());
+    let left = reader.records_after(0, 100, usize::MAX).await.unwrap();
+    assert_eq!(left.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![5, 6]);
+    close(journal, reader, guard);
+}
+
+#[tokio::test]
+async fn a_second_gateway_on_the_same_journal_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, reader, guard) = open(&config(&dir, 0)).unwrap();
+    match open(&config(&dir, 0)) {
+        Err(JournalError::Locked(path)) => assert_eq!(path, dir.path().join("journal.db")),
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("second open succeeded"),
+    }
+    close(journal, reader, guard);
+}
+
+#[tokio::test]
+async fn a_corrupt_journal_is_moved_aside_not_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal.db");
+    std::fs::write(&path, b"this is not an SQLite database, it is garbage ....").unwrap();
+    let (journal, reader, guard) = open(&config(&dir, 0)).unwrap();
+    let quarantined: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".corrupt-"))
+        .collect();
+    assert_eq!(quarantined.len(), 1);
+    assert_eq!(
+        std::fs::read(quarantined[0].path()).unwrap(),
+        b"this is not an SQLite database, it is garbage ....".to_vec()
+    );
+    assert!(matches!(append(&journal, "t", "x").await, Appended::Journaled(1)));
+    close(journal, reader, guard);
+}
+
+#[tokio::test]
+async fn dead_lettered_records_leave_the_stream_but_stay_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, reader, guard) = open(&config(&dir, 0)).unwrap();
+    append(&journal, "t", "poison").await;
+    journal.dead_letter(1, "too large".into()).await.unwrap();
+    assert_eq!(reader.counts().await.unwrap().0, 0);
+    assert_eq!(reader.batcher_state().await.unwrap().batched_through, 1);
+    close(journal, reader, guard);
+    let conn = rusqlite::Connection::open(dir.path().join("journal.db")).unwrap();
+    let (payload, reason): (Vec<u8>, String) = conn
+        .query_row("SELECT payload, reason FROM dead_letter WHERE seq = 1", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!((payload, reason), (b"poison".to_vec(), "too large".to_string()));
+}

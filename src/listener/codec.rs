@@ -574,24 +574,31 @@ fn write_v5(packet: &Outbound, out: &mut BytesMut) -> Result<usize, rumqttc::v5:
             p.pkid = *pkid;
             v5::Packet::Publish(p)
         }
-        Outbound::Disconnect(reason) => v5::Packet::Disconnect(v5::Disconnect {
-            reason_code: match reason {
-                DisconnectReason::MalformedPacket => v5::DisconnectReasonCode::MalformedPacket,
-                DisconnectReason::ProtocolError => v5::DisconnectReasonCode::ProtocolError,
-                DisconnectReason::TopicNameInvalid => v5::DisconnectReasonCode::TopicNameInvalid,
-                DisconnectReason::TopicAliasInvalid => v5::DisconnectReasonCode::TopicAliasInvalid,
-                DisconnectReason::PacketTooLarge => v5::DisconnectReasonCode::PacketTooLarge,
-                DisconnectReason::KeepAliveTimeout => v5::DisconnectReasonCode::KeepAliveTimeout,
-                DisconnectReason::SessionTakenOver => v5::DisconnectReasonCode::SessionTakenOver,
-                DisconnectReason::ServerShuttingDown => {
-                    v5::DisconnectReasonCode::ServerShuttingDown
-                }
-                DisconnectReason::UnspecifiedError => v5::DisconnectReasonCode::UnspecifiedError,
-            },
-            properties: None,
-        }),
+        Outbound::Disconnect(reason) => {
+            // Written by hand: rumqttc 0.25.1 mis-frames a DISCONNECT with a reason code (with
+            // `properties: None` it writes a property-length byte its remaining length does not
+            // count; with empty properties it drops the reason code). Fixed header, remaining
+            // length 2, reason code, empty properties.
+            out.extend_from_slice(&[0xE0, 0x02, disconnect_code(*reason), 0x00]);
+            return Ok(4);
+        }
     };
     packet.write(out, None)
+}
+
+/// The MQTT 5 DISCONNECT reason code.
+fn disconnect_code(reason: DisconnectReason) -> u8 {
+    match reason {
+        DisconnectReason::UnspecifiedError => 0x80,
+        DisconnectReason::MalformedPacket => 0x81,
+        DisconnectReason::ProtocolError => 0x82,
+        DisconnectReason::ServerShuttingDown => 0x8B,
+        DisconnectReason::KeepAliveTimeout => 0x8D,
+        DisconnectReason::SessionTakenOver => 0x8E,
+        DisconnectReason::TopicNameInvalid => 0x90,
+        DisconnectReason::TopicAliasInvalid => 0x94,
+        DisconnectReason::PacketTooLarge => 0x95,
+    }
 }
 
 /// The MQTT 5 reason byte and reason string for an acknowledgement.

@@ -1,0 +1,10 @@
+//! Black-box integration tests for the `gatehouse` binary: real MQTT agents (rumqttc v4/v5,
+//! mosquitto_pub, hand-built packets) against a spawned gateway, checked through the
+//! directory outbox decoded by `gatehouse decode`.
+
+mod bad_input;
+mod config_errors;
+mod crash;
+mod dedup;
+mod e2e;
+mod support;
