@@ -62,7 +62,7 @@ pub struct Batcher {
     inflight: usize,
     /// Confirmations whose journal release failed, retried.
     unreleased: Vec<u64>,
-    /// Observed raw/compressed ratio, to guess when the buffer could fill a batch.
+    /// Observed payload-bytes/batch-bytes ratio, to guess when the buffer could fill a batch.
     ratio: f64,
     /// Do not try packing again before the buffer holds this many raw bytes.
     next_pack_at_raw: usize,
@@ -271,7 +271,15 @@ impl Batcher {
 
         let raw = packed.header.raw_bytes as f64;
         let size = packed.payload.len();
-        self.ratio = (raw / size as f64).max(1.0);
+        // The ratio is kept in the unit `buffer_raw` counts (payload bytes), so the estimate in
+        // `should_flush` compares like with like.
+        let payload_bytes: usize = self
+            .buffer
+            .iter()
+            .take(packed.count)
+            .map(|r| r.record.payload.len())
+            .sum();
+        self.ratio = (payload_bytes as f64 / size as f64).max(0.01);
         let took_all = packed.count == self.buffer.len();
         let due = draining
             || self.flush_deadline().is_some_and(|at| at <= Instant::now())
@@ -311,12 +319,12 @@ impl Batcher {
         metrics::histogram!(telemetry::BATCH_BYTES).record(size as f64);
         metrics::counter!(telemetry::BATCH_RAW_BYTES_TOTAL).increment(raw as u64);
         metrics::counter!(telemetry::BATCH_BYTES_TOTAL).increment(size as u64);
-        metrics::gauge!(telemetry::COMPRESSION_RATIO).set(self.ratio);
+        metrics::gauge!(telemetry::COMPRESSION_RATIO).set(raw / size as f64);
         tracing::debug!(
             batch_seq = batch.batch_seq,
             records = batch.record_count,
             bytes = size,
-            ratio = self.ratio,
+            ratio = raw / size as f64,
             "Sealed batch."
         );
         Ok(Some(batch))

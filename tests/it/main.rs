@@ -7,4 +7,6 @@ mod config_errors;
 mod crash;
 mod dedup;
 mod e2e;
+mod interop;
+mod session;
 mod support;

@@ -686,3 +686,319 @@ pub fn metric_value(body: &str, name: &str) -> Option<f64> {
     }
     total
 }
+
+/// The samples of metric `name` whose label set contains `label` (e.g.
+/// `reason="too_large_for_batch"`), summed (None if there is no such sample).
+pub fn metric_value_with(body: &str, name: &str, label: &str) -> Option<f64> {
+    let mut total = None;
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let Some((labels, value)) = rest.strip_prefix('{').and_then(|r| r.split_once('}')) else {
+            continue;
+        };
+        if !labels.split(',').any(|l| l.trim() == label) {
+            continue;
+        }
+        if let Some(v) = value
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+        {
+            *total.get_or_insert(0.0) += v;
+        }
+    }
+    total
+}
+
+/// Scrape `http://{addr}/metrics`, retrying until the endpoint answers (10 s at most).
+pub async fn scrape(addr: &str) -> String {
+    poll_until("the metrics endpoint", Duration::from_secs(10), || async {
+        http_get(addr, "/metrics").await
+    })
+    .await
+}
+
+// ---------------------------------------------------------------- raw MQTT over TCP
+
+/// MQTT variable byte integer.
+pub fn mqtt_varint(mut n: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            return out;
+        }
+    }
+}
+
+/// MQTT length-prefixed string / binary data.
+pub fn mqtt_string(s: &[u8]) -> Vec<u8> {
+    let mut out = (s.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(s);
+    out
+}
+
+/// Fixed header (first byte + remaining length) followed by `body`.
+pub fn mqtt_packet(first_byte: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![first_byte];
+    out.extend(mqtt_varint(body.len()));
+    out.extend_from_slice(body);
+    out
+}
+
+/// A CONNECT to build by hand: protocol level 4 (3.1.1) or 5, clean session, keep-alive and
+/// an optional QoS 0 Will.
+#[derive(Clone, Debug)]
+pub struct RawConnect {
+    pub version: u8,
+    pub client_id: String,
+    pub keep_alive: u16,
+    /// (topic, payload)
+    pub will: Option<(String, Vec<u8>)>,
+}
+
+impl RawConnect {
+    pub fn new(version: u8, client_id: &str) -> RawConnect {
+        RawConnect {
+            version,
+            client_id: client_id.to_string(),
+            keep_alive: 60,
+            will: None,
+        }
+    }
+
+    pub fn keep_alive(mut self, secs: u16) -> RawConnect {
+        self.keep_alive = secs;
+        self
+    }
+
+    pub fn will(mut self, topic: &str, payload: &[u8]) -> RawConnect {
+        self.will = Some((topic.to_string(), payload.to_vec()));
+        self
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        let v5 = self.version == 5;
+        let mut body = mqtt_string(b"MQTT");
+        body.push(self.version);
+        // Clean session/start, plus the Will flag (QoS 0, no retain).
+        body.push(if self.will.is_some() { 0x06 } else { 0x02 });
+        body.extend_from_slice(&self.keep_alive.to_be_bytes());
+        if v5 {
+            body.push(0); // no CONNECT properties
+        }
+        body.extend(mqtt_string(self.client_id.as_bytes()));
+        if let Some((topic, payload)) = &self.will {
+            if v5 {
+                body.push(0); // no Will properties
+            }
+            body.extend(mqtt_string(topic.as_bytes()));
+            body.extend(mqtt_string(payload));
+        }
+        mqtt_packet(0x10, &body)
+    }
+}
+
+/// PUBLISH (protocol level `version`) with an optional DUP flag.
+pub fn raw_publish(
+    version: u8,
+    topic: &str,
+    qos: u8,
+    pkid: u16,
+    dup: bool,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut body = mqtt_string(topic.as_bytes());
+    if qos > 0 {
+        body.extend_from_slice(&pkid.to_be_bytes());
+    }
+    if version == 5 {
+        body.push(0); // no properties
+    }
+    body.extend_from_slice(payload);
+    mqtt_packet(0x30 | (qos << 1) | if dup { 0x08 } else { 0 }, &body)
+}
+
+/// PUBREL with just the packet id (valid in 3.1.1 and 5: reason Success implied).
+pub fn raw_pubrel(pkid: u16) -> Vec<u8> {
+    mqtt_packet(0x62, &pkid.to_be_bytes())
+}
+
+pub const RAW_PINGREQ: [u8; 2] = [0xC0, 0x00];
+
+/// Name and body of a packet for failure messages.
+pub fn describe_packet(first: u8, body: &[u8]) -> String {
+    let name = match first >> 4 {
+        2 => "CONNACK",
+        3 => "PUBLISH",
+        4 => "PUBACK",
+        5 => "PUBREC",
+        6 => "PUBREL",
+        7 => "PUBCOMP",
+        9 => "SUBACK",
+        11 => "UNSUBACK",
+        13 => "PINGRESP",
+        14 => "DISCONNECT",
+        _ => "packet",
+    };
+    format!("{name}(0x{first:02x}) {body:02x?}")
+}
+
+pub fn describe_packets(p: &[(u8, Vec<u8>)]) -> String {
+    if p.is_empty() {
+        return "nothing".into();
+    }
+    p.iter()
+        .map(|(f, b)| describe_packet(*f, b))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What one `RawMqtt::read` saw.
+#[derive(Debug)]
+pub enum RawEvent {
+    Packet(u8, Vec<u8>),
+    Closed,
+    StillOpen,
+}
+
+/// A hand-driven MQTT connection: write any bytes, read whole packets or the close.
+pub struct RawMqtt {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawMqtt {
+    pub async fn open(port: u16) -> Result<RawMqtt, String> {
+        let stream = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        stream.set_nodelay(true).ok();
+        Ok(RawMqtt {
+            stream,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Open, CONNECT, and require a successful CONNACK.
+    pub async fn connect(port: u16, connect: &RawConnect) -> Result<RawMqtt, String> {
+        let mut r = RawMqtt::open(port).await?;
+        r.send(&connect.bytes()).await?;
+        let (f, b) = r.expect_packet("CONNACK", ACK_TIMEOUT).await?;
+        if f != 0x20 || b.len() < 2 || b[1] != 0 {
+            return Err(format!(
+                "{}: expected a successful CONNACK, got {}",
+                connect.client_id,
+                describe_packet(f, &b)
+            ));
+        }
+        Ok(r)
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.stream
+            .write_all(bytes)
+            .await
+            .map_err(|e| format!("write: {e}"))
+    }
+
+    /// The next packet, the close, or `StillOpen` once `timeout` passed.
+    pub async fn read(&mut self, timeout: Duration) -> Result<RawEvent, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((first, body, used)) = split_packet(&self.buf)? {
+                self.buf.drain(..used);
+                return Ok(RawEvent::Packet(first, body));
+            }
+            let mut tmp = [0u8; 4096];
+            match tokio::time::timeout_at(deadline.into(), self.stream.read(&mut tmp)).await {
+                Err(_) => return Ok(RawEvent::StillOpen),
+                Ok(Ok(0)) if self.buf.is_empty() => return Ok(RawEvent::Closed),
+                Ok(Ok(0)) => {
+                    return Err(format!(
+                        "closed in the middle of a packet: {:02x?}",
+                        self.buf
+                    ));
+                }
+                Ok(Ok(n)) => self.buf.extend_from_slice(&tmp[..n]),
+                Ok(Err(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    return Ok(RawEvent::Closed);
+                }
+                Ok(Err(e)) => return Err(format!("read: {e}")),
+            }
+        }
+    }
+
+    pub async fn expect_packet(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+    ) -> Result<(u8, Vec<u8>), String> {
+        match self.read(timeout).await? {
+            RawEvent::Packet(f, b) => Ok((f, b)),
+            RawEvent::Closed => Err(format!("connection closed while waiting for {what}")),
+            RawEvent::StillOpen => Err(format!("no {what} within {timeout:?}")),
+        }
+    }
+
+    /// Every packet until the close; Err if still open after `timeout`.
+    pub async fn until_closed(&mut self, timeout: Duration) -> Result<Vec<(u8, Vec<u8>)>, String> {
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::new();
+        loop {
+            match self
+                .read(deadline.saturating_duration_since(Instant::now()))
+                .await?
+            {
+                RawEvent::Packet(f, b) => got.push((f, b)),
+                RawEvent::Closed => return Ok(got),
+                RawEvent::StillOpen => {
+                    return Err(format!(
+                        "connection still open after {timeout:?} (received: {})",
+                        describe_packets(&got)
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Split one packet off the front of `buf`: (first byte, body, bytes used).
+pub fn split_packet(buf: &[u8]) -> Result<Option<(u8, Vec<u8>, usize)>, String> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    let mut len = 0usize;
+    let mut mult = 1usize;
+    let mut i = 1;
+    loop {
+        let Some(&b) = buf.get(i) else {
+            return Ok(None);
+        };
+        len += (b & 0x7f) as usize * mult;
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        mult *= 128;
+        if i > 4 {
+            return Err(format!("gateway sent a malformed length: {buf:02x?}"));
+        }
+    }
+    if buf.len() < i + len {
+        return Ok(None);
+    }
+    Ok(Some((buf[0], buf[i..i + len].to_vec(), i + len)))
+}
