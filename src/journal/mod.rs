@@ -14,6 +14,9 @@
 //!   reads (`JournalReader`) use their own connection inside `spawn_blocking`.
 //! - **Release only on confirmation.** Rows are deleted only by `Command::Confirm` (the sink
 //!   confirmed the batch that holds them) or moved to `dead_letter` with a reason. Never silently.
+//! - **Checkpoints off the commit path.** A `journal-checkpoint` thread folds the WAL back into
+//!   the database every `CHECKPOINT_EVERY` (PASSIVE: it never blocks the writer), so commits
+//!   never pay for it and pages rewritten within the interval are copied once.
 //! - **One writer per file.** `Journal::open` takes an exclusive lock on `<path>.lock`.
 //! - **Corruption is loud.** A file that fails `quick_check` is renamed to
 //!   `<path>.corrupt-<ms>` and reported at error level; the gateway then starts a new journal.
@@ -24,7 +27,7 @@
 //! records     (seq PK autoincrement, received_at, client_id, topic, qos, payload,
 //!              content_type, user_properties, expires_at, stream, priority, size)
 //! batches     (batch_seq PK, sink, first_seq, last_seq, record_count, created_at, payload)
-//! dedup       (key PK = sha256(topic 0x00 payload), seen_at)
+//! dedup       (id PK, tag, seen_at): 128 bits of sha256(topic 0x00 payload), split in two
 //! dead_letter (seq PK, ..., reason, moved_at)
 //! state       (name PK, value): next_batch_seq, batched_through
 //! ```
@@ -172,13 +175,10 @@ pub fn open(config: &JournalConfig) -> Result<(Journal, JournalReader, WriterGua
     )?;
     let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
     let (committed_tx, committed_rx) = watch::channel(last_seq);
-    let guard = writer::spawn(writer::Writer::new(
-        conn,
-        commands_rx,
-        committed_tx,
-        config,
-        lock,
-    )?)?;
+    let guard = writer::spawn(
+        writer::Writer::new(conn, commands_rx, committed_tx, config, lock)?,
+        &path,
+    )?;
     Ok((
         Journal {
             commands: commands_tx,
@@ -274,7 +274,10 @@ fn connect(path: &Path, synchronous: Synchronous) -> Result<rusqlite::Connection
         tracing::warn!(mode, "Journal is not in WAL mode.");
     }
     conn.pragma_update(None, "synchronous", synchronous.pragma())?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
+    // 16 MiB page cache: the B-trees being appended to stay in memory.
+    conn.pragma_update(None, "cache_size", -16_384)?;
+    // Checkpoints run on their own thread (`writer::spawn`), not inside commits.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     Ok(conn)
 }
 

@@ -44,6 +44,7 @@ impl JournalReader {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "cache_size", -16_384)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
         })

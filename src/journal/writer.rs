@@ -3,6 +3,8 @@
 //! Guarantee: a command's reply is sent only after the transaction holding it committed; if the
 //! transaction fails, every command in it gets the error and nothing of it is visible.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -16,17 +18,37 @@ use crate::telemetry;
 /// How often expired dedup keys are pruned.
 const DEDUP_PRUNE_EVERY: Duration = Duration::from_secs(30);
 
-/// Joins the writer thread; dropping every `Journal` handle lets it finish.
+/// How often the checkpoint thread folds the WAL into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// Joins the writer and checkpoint threads; dropping every `Journal` handle lets them finish.
 pub struct WriterGuard {
-    thread: Option<std::thread::JoinHandle<()>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    checkpointer: Option<std::thread::JoinHandle<()>>,
+    stop_checkpoints: Arc<AtomicBool>,
 }
 
 impl WriterGuard {
     /// Waits for the writer to commit what is queued and stop. Call after dropping every
     /// `Journal` handle (otherwise it waits for them).
     pub fn join(mut self) {
-        if let Some(thread) = self.thread.take() {
+        self.stop_checkpoints.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.checkpointer.take() {
             let _ = thread.join();
+        }
+        if let Some(thread) = self.writer.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Runs PASSIVE checkpoints until told to stop. A failure is logged and retried next round:
+/// the WAL keeps every committed frame until a checkpoint succeeds, so nothing is at risk.
+fn checkpoint_loop(conn: Connection, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(CHECKPOINT_EVERY);
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "Journal checkpoint failed; will retry.");
         }
     }
 }
@@ -294,14 +316,19 @@ fn append(
     now: i64,
 ) -> rusqlite::Result<(Appended, u64)> {
     if let (Some(key), Some(window)) = (dedup_key, dedup_window_ms) {
-        // Inserts a new key, or re-arms one whose window has passed; leaves a live one alone.
+        // A live entry with the same 128 bits means "seen within the window": a duplicate.
+        // Otherwise the entry is inserted, re-armed (window passed) or, when only the first 64
+        // bits collide with another message, replaced: a collision can cost a later duplicate
+        // being journaled again, never a message being dropped.
+        let id = i64::from_be_bytes(key[..8].try_into().expect("8 bytes"));
+        let tag = i64::from_be_bytes(key[8..16].try_into().expect("8 bytes"));
         let changed = tx
             .prepare_cached(
-                "INSERT INTO dedup (key, seen_at) VALUES (?1, ?2)
-                 ON CONFLICT (key) DO UPDATE SET seen_at = excluded.seen_at
-                 WHERE dedup.seen_at < ?3",
+                "INSERT INTO dedup (id, tag, seen_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET tag = excluded.tag, seen_at = excluded.seen_at
+                 WHERE dedup.tag != excluded.tag OR dedup.seen_at < ?4",
             )?
-            .execute(params![&key[..], now, now - window])?;
+            .execute(params![id, tag, now, now - window])?;
         if changed == 0 {
             return Ok((Appended::Duplicate, 0));
         }
@@ -388,15 +415,26 @@ fn dead_letter(
     })
 }
 
-pub(super) fn spawn(writer: Writer) -> Result<WriterGuard, JournalError> {
-    let thread = std::thread::Builder::new()
+pub(super) fn spawn(writer: Writer, path: &std::path::Path) -> Result<WriterGuard, JournalError> {
+    let thread_error = |e: std::io::Error| JournalError::Io {
+        path: path.to_owned(),
+        reason: format!("cannot start journal thread: {e}"),
+    };
+    let checkpoint_conn = Connection::open(path)?;
+    checkpoint_conn.busy_timeout(Duration::from_secs(5))?;
+    let stop_checkpoints = Arc::new(AtomicBool::new(false));
+    let stop = stop_checkpoints.clone();
+    let checkpointer = std::thread::Builder::new()
+        .name("journal-checkpoint".into())
+        .spawn(move || checkpoint_loop(checkpoint_conn, stop))
+        .map_err(thread_error)?;
+    let writer = std::thread::Builder::new()
         .name("journal-writer".into())
         .spawn(move || writer.run())
-        .map_err(|e| JournalError::Io {
-            path: "journal-writer thread".into(),
-            reason: e.to_string(),
-        })?;
+        .map_err(thread_error)?;
     Ok(WriterGuard {
-        thread: Some(thread),
+        writer: Some(writer),
+        checkpointer: Some(checkpointer),
+        stop_checkpoints,
     })
 }

@@ -303,7 +303,7 @@ impl Connection {
             let can_deliver = session.outbound.len() < session.window;
             let expires = keep_alive.map(|ka| last_heard + ka);
             enum Event {
-                Committed(Result<Result<Appended, JournalError>, oneshot::error::RecvError>),
+                Committed(Result<Appended, JournalError>),
                 Read(std::io::Result<usize>),
                 Deliver(Option<Delivery>),
                 Takeover(Takeover),
@@ -324,6 +324,14 @@ impl Connection {
                     let pending = session.pending.pop_front().expect("pending is not empty");
                     if let Some(close) = session.acknowledge(self, pending, result) {
                         return close;
+                    }
+                    // A group commit resolves many at once: acknowledge every one already
+                    // resolved, so they leave in one write.
+                    while let Some(result) = session.pending.front_mut().and_then(ready_commit) {
+                        let pending = session.pending.pop_front().expect("front exists");
+                        if let Some(close) = session.acknowledge(self, pending, result) {
+                            return close;
+                        }
                     }
                 }
                 Event::Read(Ok(0)) => return Close::Dropped("connection closed by peer".into()),
@@ -363,10 +371,10 @@ impl Connection {
         while let Some(mut pending) = session.pending.pop_front() {
             let result = match pending.commit.as_mut() {
                 Some(rx) => match tokio::time::timeout_at(deadline, rx).await {
-                    Ok(result) => result,
+                    Ok(result) => result.unwrap_or(Err(JournalError::Closed)),
                     Err(_) => break,
                 },
-                None => Ok(Ok(Appended::Duplicate)),
+                None => Ok(Appended::Duplicate),
             };
             if socket_alive {
                 // A further failure here only means fewer acknowledgements; close as planned.
@@ -573,12 +581,11 @@ impl Session {
         &mut self,
         conn: &mut Connection,
         pending: PendingAck,
-        result: Result<Result<Appended, JournalError>, oneshot::error::RecvError>,
+        result: Result<Appended, JournalError>,
     ) -> Option<Close> {
         let reason = match result {
-            Ok(Ok(_)) => AckReason::Success,
-            Ok(Err(e)) => AckReason::Failed(e.to_string()),
-            Err(_) => AckReason::Failed(JournalError::Closed.to_string()),
+            Ok(_) => AckReason::Success,
+            Err(e) => AckReason::Failed(e.to_string()),
         };
         if let AckReason::Failed(why) = &reason {
             metrics::counter!(telemetry::REFUSALS, "reason" => "journal_error").increment(1);
@@ -645,12 +652,22 @@ fn refused_for(e: &ReadError) -> Close {
     Close::Refused(reason, e.to_string())
 }
 
-async fn next_commit(
-    pending: &mut VecDeque<PendingAck>,
-) -> Result<Result<Appended, JournalError>, oneshot::error::RecvError> {
+async fn next_commit(pending: &mut VecDeque<PendingAck>) -> Result<Appended, JournalError> {
     match pending.front_mut().and_then(|p| p.commit.as_mut()) {
-        Some(rx) => rx.await,
-        None => Ok(Ok(Appended::Duplicate)),
+        Some(rx) => rx.await.unwrap_or(Err(JournalError::Closed)),
+        None => Ok(Appended::Duplicate),
+    }
+}
+
+/// The commit outcome of `pending` if it is already known, without waiting.
+fn ready_commit(pending: &mut PendingAck) -> Option<Result<Appended, JournalError>> {
+    match pending.commit.as_mut() {
+        None => Some(Ok(Appended::Duplicate)),
+        Some(rx) => match rx.try_recv() {
+            Ok(result) => Some(result),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => Some(Err(JournalError::Closed)),
+        },
     }
 }
 

@@ -59,6 +59,11 @@ fn check_puback_ok(what: &str, pkid: u16, (f, b): (u8, Vec<u8>)) -> Result<(), S
     }
 }
 
+/// Exactly one packet came before the close: an MQTT 5 DISCONNECT with reason `code`.
+fn only_disconnect(got: &[(u8, Vec<u8>)], code: u8) -> bool {
+    matches!(got, [(0xE0, body)] if body.first() == Some(&code))
+}
+
 // ---------------------------------------------------------------- 1. Will
 
 #[derive(Clone, Copy, Debug)]
@@ -222,9 +227,8 @@ async fn second_connection_with_the_same_client_id_takes_over() {
             .await
             .unwrap_or_else(|e| panic!("v{v}: first connection after the take-over: {e}"));
         if v == 5 {
-            assert_eq!(
-                got,
-                vec![(0xE0, vec![0x8E, 0x00])],
+            assert!(
+                only_disconnect(&got, 0x8E),
                 "MQTT 5: the first connection must get DISCONNECT 0x8E (Session taken over) \
                  before EOF; got {}",
                 describe_packets(&got)
@@ -288,16 +292,16 @@ async fn silent(port: u16, v: u8) -> Result<(), String> {
             "{client}: closed after only {elapsed:?} (keep-alive 1 s allows 1.5 s)"
         ));
     }
-    let want: Vec<(u8, Vec<u8>)> = if v == 5 {
-        vec![(0xE0, vec![0x8D, 0x00])]
+    let ok = if v == 5 {
+        only_disconnect(&got, 0x8D)
     } else {
-        Vec::new()
+        got.is_empty()
     };
-    if got != want {
+    if !ok {
         return Err(format!(
             "{client}: closed after {elapsed:?} with {} (expected {})",
             describe_packets(&got),
-            describe_packets(&want)
+            if v == 5 { "DISCONNECT 0x8D" } else { "nothing" }
         ));
     }
     Ok(())
@@ -342,7 +346,7 @@ async fn pinging(port: u16, v: u8) -> Result<(), String> {
             ));
         }
     }
-    if pings < 6 {
+    if pings < 5 {
         return Err(format!("{client}: only {pings} PINGREQ in 3 s"));
     }
     Ok(())
@@ -395,6 +399,8 @@ async fn message_too_large_for_a_batch_is_refused_and_counted() {
     })
     .await;
     let good = BackgroundAgent::start(gw.port, "big-good-agent").await;
+    // Connected before the refusals, publishes after them.
+    let mut other = AckedPublisher::connect("big-other-agent", gw.port).await;
     let big = |v: u8| {
         let mut p = format!("too big v{v}: ").into_bytes();
         p.resize(8 * 1024, b'x');
@@ -485,9 +491,24 @@ async fn message_too_large_for_a_batch_is_refused_and_counted() {
         "gatehouse_refusals_total{{reason=\"too_large_for_batch\"}} after two refusals; metrics:\n{body}"
     );
 
+    let after = b"other agent after the refusals".to_vec();
+    other
+        .publish(
+            "agents/big-other-agent/telemetry",
+            QoS::AtLeastOnce,
+            after.clone(),
+        )
+        .await
+        .expect("an agent connected during the refusals must be unaffected");
+    assert_eq!(
+        other.errors.load(Ordering::SeqCst),
+        0,
+        "the other agent was disconnected"
+    );
     let report = good.finish().await;
     let mut wanted = report.acked.clone();
     wanted.push(small);
+    wanted.push(after);
     let recs = gw.wait_for_payloads(&wanted, OUTBOX_TIMEOUT).await;
     let leaked: Vec<String> = recs
         .iter()
@@ -500,7 +521,7 @@ async fn message_too_large_for_a_batch_is_refused_and_counted() {
         "refused messages reached the outbox: {leaked:?}"
     );
     assert!(
-        report.failures.is_empty() && report.connection_errors == 0 && report.acked.len() >= 3,
+        report.failures.is_empty() && report.connection_errors == 0 && !report.acked.is_empty(),
         "another agent was disturbed: {} acked, failures {:?}, {} connection errors",
         report.acked.len(),
         report.failures,
@@ -698,9 +719,8 @@ async fn sigterm_flushes_every_acknowledged_message_and_exits_0() {
         .until_closed(Duration::from_secs(2))
         .await
         .unwrap_or_else(|e| panic!("MQTT 5 connection after the gateway exited: {e}"));
-    assert_eq!(
-        got,
-        vec![(0xE0, vec![0x8B, 0x00])],
+    assert!(
+        only_disconnect(&got, 0x8B),
         "MQTT 5 agent at shutdown: expected DISCONNECT 0x8B (Server shutting down), got {}",
         describe_packets(&got)
     );
