@@ -177,7 +177,8 @@ impl Batcher {
 
             // 4. Wait for something to change.
             let flush_at = self.flush_deadline();
-            let drain_timer = drain_deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let drain_timer =
+                drain_deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 Some(confirmation) = confirmations.recv() => {
                     self.confirmed(confirmation.batch_seq).await;
@@ -248,11 +249,10 @@ impl Batcher {
             created_at: now_ms(),
         };
         let max_bytes = self.max_bytes;
-        let packed = tokio::task::spawn_blocking(move || {
-            envelope::pack(&id, &candidates, max_bytes)
-        })
-        .await
-        .map_err(|_| JournalError::Closed)?;
+        let packed =
+            tokio::task::spawn_blocking(move || envelope::pack(&id, &candidates, max_bytes))
+                .await
+                .map_err(|_| JournalError::Closed)?;
 
         let Some(packed) = packed else {
             // Not even the first record fits: only possible if maxBytes shrank since it was

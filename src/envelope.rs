@@ -297,13 +297,17 @@ pub fn decode(payload: &[u8]) -> Result<(Header, Vec<DecodedRecord>), DecodeErro
     let body = &payload[header_end..];
     let raw = match header.codec {
         Codec::None => body.to_vec(),
-        Codec::Zstd => read_all(zstd::Decoder::new(body).map_err(|e| DecodeError::Body("zstd", e))?)
-            .map_err(|e| DecodeError::Body("zstd", e))?,
+        Codec::Zstd => {
+            read_all(zstd::Decoder::new(body).map_err(|e| DecodeError::Body("zstd", e))?)
+                .map_err(|e| DecodeError::Body("zstd", e))?
+        }
         Codec::Gzip => read_all(flate2::read::GzDecoder::new(body))
             .map_err(|e| DecodeError::Body("gzip", e))?,
     };
     if raw.len() as u64 != header.raw_bytes {
-        return Err(DecodeError::Truncated("record stream shorter than the header says"));
+        return Err(DecodeError::Truncated(
+            "record stream shorter than the header says",
+        ));
     }
     let actual = crc32(&raw);
     if actual != header.raw_crc32 {
@@ -350,7 +354,8 @@ fn decode_records(raw: &[u8]) -> Result<Vec<DecodedRecord>, DecodeError> {
         let meta: RecordMeta =
             serde_json::from_slice(meta_bytes).map_err(|e| bad(&format!("metadata: {e}")))?;
         at += meta_len;
-        let payload_len = read_u32(raw, at).ok_or_else(|| bad("payload length cut short"))? as usize;
+        let payload_len =
+            read_u32(raw, at).ok_or_else(|| bad("payload length cut short"))? as usize;
         at += 4;
         let payload = raw
             .get(at..at + payload_len)

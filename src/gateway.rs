@@ -69,13 +69,11 @@ impl Gateway {
         let sink_task = tokio::spawn(sink.run(batches_rx, confirm_tx));
 
         let (batcher_stop, batcher_shutdown) = shutdown::channel();
-        let mut batcher_task = tokio::spawn(
-            Batcher::new(journal.clone(), reader, settings).run(
-                batches_tx,
-                confirm_rx,
-                batcher_shutdown,
-            ),
-        );
+        let mut batcher_task = tokio::spawn(Batcher::new(journal.clone(), reader, settings).run(
+            batches_tx,
+            confirm_rx,
+            batcher_shutdown,
+        ));
 
         let (listeners_stop, listeners_shutdown) = shutdown::channel();
         let registry = Arc::new(Registry::default());

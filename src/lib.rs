@@ -25,3 +25,6 @@ pub mod record;
 pub mod shutdown;
 pub mod sink;
 pub mod telemetry;
+
+#[cfg(test)]
+mod tidy;

@@ -15,7 +15,11 @@ use gatehouse::{envelope, telemetry};
 const EX_USAGE: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "gatehouse", version, about = "Edge aggregation gateway for security agents' MQTT telemetry")]
+#[command(
+    name = "gatehouse",
+    version,
+    about = "Edge aggregation gateway for security agents' MQTT telemetry"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -74,7 +78,8 @@ fn run(config_path: Option<PathBuf>) -> ExitCode {
     let config = match config {
         Ok(config) => config,
         Err(e) => {
-            let source = config_path.map_or("embedded defaults".into(), |p| p.display().to_string());
+            let source =
+                config_path.map_or("embedded defaults".into(), |p| p.display().to_string());
             eprintln!("{source}: invalid configuration\n{e}");
             return ExitCode::from(EX_USAGE);
         }

@@ -53,23 +53,56 @@ fn describe() {
     describe_counter!(MESSAGES_IN, "PUBLISH packets accepted from agents.");
     describe_counter!(BYTES_IN, "Payload bytes accepted from agents.");
     describe_counter!(MESSAGES_JOURNALED, "Records committed to the journal.");
-    describe_counter!(DUPLICATES_DROPPED, "Messages acknowledged but not journaled: seen within the dedup window.");
+    describe_counter!(
+        DUPLICATES_DROPPED,
+        "Messages acknowledged but not journaled: seen within the dedup window."
+    );
     describe_counter!(REFUSALS, "Messages or connections refused, by reason.");
-    describe_counter!(DISCONNECTS, "Agent connections closed by the gateway, by reason.");
-    describe_gauge!(JOURNAL_ROWS, "Records in the journal awaiting upstream confirmation.");
+    describe_counter!(
+        DISCONNECTS,
+        "Agent connections closed by the gateway, by reason."
+    );
+    describe_gauge!(
+        JOURNAL_ROWS,
+        "Records in the journal awaiting upstream confirmation."
+    );
     describe_gauge!(JOURNAL_BYTES, "Bytes those records are charged.");
-    describe_histogram!(JOURNAL_COMMIT_SECONDS, "Time to run and commit one journal group.");
-    describe_counter!(JOURNAL_WRITE_ERRORS, "Journal transactions that failed and were rolled back.");
-    describe_counter!(JOURNAL_QUARANTINED, "Corrupt journal files moved aside at start-up.");
-    describe_counter!(DEAD_LETTERED, "Records moved to dead_letter, undeliverable.");
+    describe_histogram!(
+        JOURNAL_COMMIT_SECONDS,
+        "Time to run and commit one journal group."
+    );
+    describe_counter!(
+        JOURNAL_WRITE_ERRORS,
+        "Journal transactions that failed and were rolled back."
+    );
+    describe_counter!(
+        JOURNAL_QUARANTINED,
+        "Corrupt journal files moved aside at start-up."
+    );
+    describe_counter!(
+        DEAD_LETTERED,
+        "Records moved to dead_letter, undeliverable."
+    );
     describe_counter!(BATCHES_OUT, "Batches sealed and handed to the sink.");
     describe_histogram!(BATCH_RECORDS, "Records per batch.");
     describe_histogram!(BATCH_BYTES, "Payload bytes per batch, after compression.");
-    describe_counter!(BATCH_RAW_BYTES_TOTAL, "Uncompressed record-stream bytes batched.");
+    describe_counter!(
+        BATCH_RAW_BYTES_TOTAL,
+        "Uncompressed record-stream bytes batched."
+    );
     describe_counter!(BATCH_BYTES_TOTAL, "Batch payload bytes after compression.");
     describe_gauge!(COMPRESSION_RATIO, "Raw/compressed size of the last batch.");
-    describe_counter!(BILLING_UNITS, "IoT Core 5 KB metering units the batches cost.");
-    describe_counter!(BATCHES_CONFIRMED, "Batches the sink confirmed; their rows were released.");
+    describe_counter!(
+        BILLING_UNITS,
+        "IoT Core 5 KB metering units the batches cost."
+    );
+    describe_counter!(
+        BATCHES_CONFIRMED,
+        "Batches the sink confirmed; their rows were released."
+    );
     describe_counter!(SINK_ERRORS, "Sink failures, by reason.");
-    describe_gauge!(SINK_INFLIGHT, "Batches handed to the sink and not yet confirmed.");
+    describe_gauge!(
+        SINK_INFLIGHT,
+        "Batches handed to the sink and not yet confirmed."
+    );
 }

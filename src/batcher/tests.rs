@@ -15,9 +15,11 @@ struct Harness {
 }
 
 fn open(dir: &tempfile::TempDir) -> Harness {
-    let mut config = JournalConfig::default();
-    config.path = dir.path().join("journal.db");
-    config.dedup_window_secs = serde_json::from_value(0.into()).unwrap();
+    let config = JournalConfig {
+        path: dir.path().join("journal.db"),
+        dedup_window_secs: serde_json::from_value(0.into()).unwrap(),
+        ..JournalConfig::default()
+    };
     let (journal, reader, guard) = journal::open(&config).unwrap();
     Harness {
         journal,
@@ -39,7 +41,13 @@ async fn append(journal: &Journal, payload: String) {
         payload: Bytes::from(payload),
         properties: RecordProperties::default(),
     };
-    journal.append(record, None).await.unwrap().await.unwrap().unwrap();
+    journal
+        .append(record, None)
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap();
 }
 
 struct Running {
@@ -83,7 +91,9 @@ async fn close(h: Harness, running: Running) {
     running.task.await.unwrap().unwrap();
     drop(h.journal);
     drop(h.reader);
-    tokio::task::spawn_blocking(move || h.guard.join()).await.unwrap();
+    tokio::task::spawn_blocking(move || h.guard.join())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -93,7 +103,11 @@ async fn records_flow_in_order_and_are_released_on_confirmation() {
     for i in 0..7 {
         append(&h.journal, format!("m{i}")).await;
     }
-    let mut running = start(&h, batch_config(serde_json::json!({"maxMessages": 3, "maxDelayMs": 50})), 8);
+    let mut running = start(
+        &h,
+        batch_config(serde_json::json!({"maxMessages": 3, "maxDelayMs": 50})),
+        8,
+    );
     let mut seen = Vec::new();
     let mut seqs = Vec::new();
     while seen.len() < 7 {
@@ -104,7 +118,12 @@ async fn records_flow_in_order_and_are_released_on_confirmation() {
         seen.extend(records.into_iter().map(|r| r.record.payload));
         // Unconfirmed: rows still there.
         assert!(h.reader.counts().await.unwrap().0 > 0);
-        running.confirm.send(Confirmation { batch_seq: batch.batch_seq }).unwrap();
+        running
+            .confirm
+            .send(Confirmation {
+                batch_seq: batch.batch_seq,
+            })
+            .unwrap();
     }
     assert_eq!(seqs, vec![1, 2, 3]);
     let expected: Vec<_> = (0..7).map(|i| Bytes::from(format!("m{i}"))).collect();
@@ -152,7 +171,10 @@ async fn a_lone_record_is_flushed_after_max_delay() {
     append(&h.journal, "alone".into()).await;
     let batch = next(&mut running).await;
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(250), "flushed too early: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(250),
+        "flushed too early: {waited:?}"
+    );
     assert_eq!(batch.record_count, 1);
     close(h, running).await;
 }
@@ -162,7 +184,14 @@ async fn a_backlog_drains_in_full_batches_within_the_window() {
     let dir = tempfile::tempdir().unwrap();
     let h = open(&dir);
     for i in 0..3000 {
-        append(&h.journal, format!(r#"{{"event":"file_write","path":"/var/log/app-{i}.log","bytes":{}}}"#, i * 37)).await;
+        append(
+            &h.journal,
+            format!(
+                r#"{{"event":"file_write","path":"/var/log/app-{i}.log","bytes":{}}}"#,
+                i * 37
+            ),
+        )
+        .await;
     }
     let max_bytes = 4096usize;
     let mut running = start(
@@ -174,7 +203,10 @@ async fn a_backlog_drains_in_full_batches_within_the_window() {
     let first = next(&mut running).await;
     let second = next(&mut running).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(running.batches.try_recv().is_err(), "a third batch beyond the window");
+    assert!(
+        running.batches.try_recv().is_err(),
+        "a third batch beyond the window"
+    );
     let mut held = VecDeque::from([first, second]);
     let mut total = 0;
     let mut sizes = Vec::new();
@@ -186,7 +218,12 @@ async fn a_backlog_drains_in_full_batches_within_the_window() {
         assert!(batch.payload.len() <= max_bytes);
         sizes.push(batch.payload.len());
         total += batch.record_count as usize;
-        running.confirm.send(Confirmation { batch_seq: batch.batch_seq }).unwrap();
+        running
+            .confirm
+            .send(Confirmation {
+                batch_seq: batch.batch_seq,
+            })
+            .unwrap();
     }
     assert_eq!(total, 3000);
     // All but the last are full (within 10% of the budget), though every record was overdue.

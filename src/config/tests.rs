@@ -11,7 +11,10 @@ fn embedded_defaults_match_the_documented_contract() {
     let config = Config::embedded();
     assert_eq!(config.listeners.len(), 1);
     assert_eq!(config.listeners[0].bind.0.to_string(), "127.0.0.1:1883");
-    assert_eq!(config.journal.path, PathBuf::from("./gatehouse-data/journal.db"));
+    assert_eq!(
+        config.journal.path,
+        PathBuf::from("./gatehouse-data/journal.db")
+    );
     assert_eq!(config.journal.synchronous, Synchronous::Full);
     assert_eq!(config.batch.max_bytes.get(), 131_072);
     assert_eq!(config.batch.max_delay_ms.get(), 1000);

@@ -40,7 +40,9 @@ fn telemetry(rng: &mut StdRng, seq: u64) -> Vec<u8> {
 
 #[test]
 fn round_trip_keeps_every_field() {
-    let mut records: Vec<_> = (1..=20).map(|s| record(s, format!("m{s}").into_bytes())).collect();
+    let mut records: Vec<_> = (1..=20)
+        .map(|s| record(s, format!("m{s}").into_bytes()))
+        .collect();
     records[3].record.payload = Bytes::from_static(&[0xff, 0xfe, 0x00]);
     records[4].record.properties = RecordProperties {
         content_type: Some("application/json".into()),
@@ -52,7 +54,10 @@ fn round_trip_keeps_every_field() {
         assert_eq!(packed.count, 20);
         let (header, decoded) = decode(&packed.payload).unwrap();
         assert_eq!(header, packed.header);
-        assert_eq!((header.first_seq, header.last_seq, header.count), (1, 20, 20));
+        assert_eq!(
+            (header.first_seq, header.last_seq, header.count),
+            (1, 20, 20)
+        );
         assert_eq!(header.codec, codec);
         let back: Vec<_> = decoded
             .into_iter()
@@ -113,7 +118,9 @@ fn payload_never_exceeds_budget_for_random_and_incompressible_input() {
 #[test]
 fn compressible_batches_are_filled_close_to_the_budget() {
     let mut rng = StdRng::seed_from_u64(3);
-    let records: Vec<_> = (1..=20_000).map(|s| record(s, telemetry(&mut rng, s))).collect();
+    let records: Vec<_> = (1..=20_000)
+        .map(|s| record(s, telemetry(&mut rng, s)))
+        .collect();
     let packed = pack(&id(Codec::Zstd), &records, 131_072).unwrap();
     assert!(packed.count < records.len(), "all 20k should not fit");
     assert!(
@@ -137,7 +144,10 @@ fn damage_is_reported_clearly() {
     let payload = packed.payload.to_vec();
 
     let err = decode(&payload[..payload.len() - 10]).unwrap_err();
-    assert!(matches!(err, DecodeError::Body(..) | DecodeError::Truncated(_)), "{err}");
+    assert!(
+        matches!(err, DecodeError::Body(..) | DecodeError::Truncated(_)),
+        "{err}"
+    );
 
     let err = decode(b"hello world").unwrap_err();
     assert!(matches!(err, DecodeError::BadMagic), "{err}");

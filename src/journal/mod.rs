@@ -238,7 +238,8 @@ impl Journal {
     /// Moves a record that can never be delivered to `dead_letter`, with the reason.
     pub async fn dead_letter(&self, seq: u64, reason: String) -> Result<(), JournalError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::DeadLetter { seq, reason, reply }).await?;
+        self.send(Command::DeadLetter { seq, reason, reply })
+            .await?;
         rx.await.map_err(|_| JournalError::Closed)?
     }
 
@@ -310,9 +311,8 @@ fn quarantine_if_corrupt(path: &Path) {
     if !path.exists() {
         return;
     }
-    let verdict = rusqlite::Connection::open(path).and_then(|conn| {
-        conn.query_row("PRAGMA quick_check", [], |row| row.get::<_, String>(0))
-    });
+    let verdict = rusqlite::Connection::open(path)
+        .and_then(|conn| conn.query_row("PRAGMA quick_check", [], |row| row.get::<_, String>(0)));
     let problem = match verdict {
         Ok(ok) if ok == "ok" => return,
         Ok(report) => report,

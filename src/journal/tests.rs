@@ -5,10 +5,11 @@ use crate::config::JournalConfig;
 use crate::record::RecordProperties;
 
 fn config(dir: &tempfile::TempDir, dedup_window_secs: u64) -> JournalConfig {
-    let mut config = JournalConfig::default();
-    config.path = dir.path().join("journal.db");
-    config.dedup_window_secs = serde_json::from_value(dedup_window_secs.into()).unwrap();
-    config
+    JournalConfig {
+        path: dir.path().join("journal.db"),
+        dedup_window_secs: serde_json::from_value(dedup_window_secs.into()).unwrap(),
+        ..JournalConfig::default()
+    }
 }
 
 fn record(topic: &str, payload: &str) -> Record {
@@ -67,10 +68,16 @@ async fn committed_records_survive_reopen_in_order() {
 async fn duplicates_within_window_are_dropped_also_after_restart() {
     let dir = tempfile::tempdir().unwrap();
     let (journal, reader, guard) = open(&config(&dir, 600)).unwrap();
-    assert!(matches!(append(&journal, "t", "same").await, Appended::Journaled(_)));
+    assert!(matches!(
+        append(&journal, "t", "same").await,
+        Appended::Journaled(_)
+    ));
     assert_eq!(append(&journal, "t", "same").await, Appended::Duplicate);
     // Same payload on another topic is a different message.
-    assert!(matches!(append(&journal, "u", "same").await, Appended::Journaled(_)));
+    assert!(matches!(
+        append(&journal, "u", "same").await,
+        Appended::Journaled(_)
+    ));
     close(journal, reader, guard);
 
     let (journal, reader, guard) = open(&config(&dir, 600)).unwrap();
@@ -83,10 +90,16 @@ async fn duplicates_within_window_are_dropped_also_after_restart() {
 async fn a_key_is_accepted_again_once_its_window_has_passed() {
     let dir = tempfile::tempdir().unwrap();
     let (journal, reader, guard) = open(&config(&dir, 1)).unwrap();
-    assert!(matches!(append(&journal, "t", "x").await, Appended::Journaled(_)));
+    assert!(matches!(
+        append(&journal, "t", "x").await,
+        Appended::Journaled(_)
+    ));
     assert_eq!(append(&journal, "t", "x").await, Appended::Duplicate);
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-    assert!(matches!(append(&journal, "t", "x").await, Appended::Journaled(_)));
+    assert!(matches!(
+        append(&journal, "t", "x").await,
+        Appended::Journaled(_)
+    ));
     close(journal, reader, guard);
 }
 
@@ -109,7 +122,13 @@ async fn rows_are_released_only_when_their_batch_is_confirmed() {
     journal.seal(batch).await.unwrap();
     assert_eq!(reader.counts().await.unwrap().0, 6);
     let state = reader.batcher_state().await.unwrap();
-    assert_eq!(state, BatcherState { next_batch_seq: 2, batched_through: 4 });
+    assert_eq!(
+        state,
+        BatcherState {
+            next_batch_seq: 2,
+            batched_through: 4
+        }
+    );
     close(journal, reader, guard);
 
     // After a restart the unconfirmed batch is still there, byte for byte.
@@ -120,7 +139,13 @@ async fn rows_are_released_only_when_their_batch_is_confirmed() {
     let released = journal.confirm(1).await.unwrap();
     assert_eq!(released.rows, 4);
     assert_eq!(reader.counts().await.unwrap().0, 2);
-    assert!(reader.unconfirmed_batches("directory").await.unwrap().is_empty());
+    assert!(
+        reader
+            .unconfirmed_batches("directory")
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // A second confirmation of the same batch releases nothing more.
     assert_eq!(journal.confirm(1).await.unwrap(), Released::default());
     let left = reader.records_after(0, 100, usize::MAX).await.unwrap();
@@ -156,7 +181,10 @@ async fn a_corrupt_journal_is_moved_aside_not_deleted() {
         std::fs::read(quarantined[0].path()).unwrap(),
         b"this is not an SQLite database, it is garbage ....".to_vec()
     );
-    assert!(matches!(append(&journal, "t", "x").await, Appended::Journaled(1)));
+    assert!(matches!(
+        append(&journal, "t", "x").await,
+        Appended::Journaled(1)
+    ));
     close(journal, reader, guard);
 }
 
@@ -171,9 +199,14 @@ async fn dead_lettered_records_leave_the_stream_but_stay_on_disk() {
     close(journal, reader, guard);
     let conn = rusqlite::Connection::open(dir.path().join("journal.db")).unwrap();
     let (payload, reason): (Vec<u8>, String) = conn
-        .query_row("SELECT payload, reason FROM dead_letter WHERE seq = 1", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
+        .query_row(
+            "SELECT payload, reason FROM dead_letter WHERE seq = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .unwrap();
-    assert_eq!((payload, reason), (b"poison".to_vec(), "too large".to_string()));
+    assert_eq!(
+        (payload, reason),
+        (b"poison".to_vec(), "too large".to_string())
+    );
 }

@@ -209,9 +209,7 @@ impl Writer {
     fn unapplied(cmd: Command) -> Pending {
         match cmd {
             Command::Append { reply, .. } => Pending::Appended(reply, Appended::Duplicate),
-            Command::Seal { reply, .. } | Command::DeadLetter { reply, .. } => {
-                Pending::Unit(reply)
-            }
+            Command::Seal { reply, .. } | Command::DeadLetter { reply, .. } => Pending::Unit(reply),
             Command::Confirm { reply, .. } => Pending::Released(reply, Released::default()),
         }
     }
@@ -363,10 +361,8 @@ fn set_state(tx: &rusqlite::Transaction<'_>, name: &str, value: u64) -> rusqlite
 }
 
 fn advance_batched_through(tx: &rusqlite::Transaction<'_>, seq: u64) -> rusqlite::Result<()> {
-    tx.prepare_cached(
-        "UPDATE state SET value = MAX(value, ?1) WHERE name = 'batched_through'",
-    )?
-    .execute([seq as i64])?;
+    tx.prepare_cached("UPDATE state SET value = MAX(value, ?1) WHERE name = 'batched_through'")?
+        .execute([seq as i64])?;
     Ok(())
 }
 
@@ -398,9 +394,11 @@ fn dead_letter(
     now: i64,
 ) -> rusqlite::Result<Released> {
     let size: Option<u64> = tx
-        .query_row("SELECT size FROM records WHERE seq = ?1", [seq as i64], |row| {
-            row.get(0)
-        })
+        .query_row(
+            "SELECT size FROM records WHERE seq = ?1",
+            [seq as i64],
+            |row| row.get(0),
+        )
         .optional()?;
     tx.execute(
         "INSERT OR IGNORE INTO dead_letter (seq, received_at, client_id, topic, qos, payload, reason, moved_at)

@@ -60,11 +60,19 @@ pub enum Inbound {
     PubRec(u16),
     PubRel(u16),
     PubComp(u16),
-    Subscribe { pkid: u16, filters: Vec<(String, u8)> },
-    Unsubscribe { pkid: u16, filters: Vec<String> },
+    Subscribe {
+        pkid: u16,
+        filters: Vec<(String, u8)>,
+    },
+    Unsubscribe {
+        pkid: u16,
+        filters: Vec<String>,
+    },
     PingReq,
     /// `with_will`: MQTT 5 reason 0x04, "disconnect with Will message".
-    Disconnect { with_will: bool },
+    Disconnect {
+        with_will: bool,
+    },
     /// A second CONNECT, or a packet only a server sends: a protocol error.
     Unexpected(&'static str),
 }
@@ -138,14 +146,35 @@ pub enum Outbound {
         max_packet_size: u32,
         receive_maximum: u16,
     },
-    PubAck { pkid: u16, reason: AckReason },
-    PubRec { pkid: u16, reason: AckReason },
-    PubComp { pkid: u16 },
-    PubRel { pkid: u16 },
-    SubAck { pkid: u16, granted: Vec<Option<u8>> },
-    UnsubAck { pkid: u16, count: usize },
+    PubAck {
+        pkid: u16,
+        reason: AckReason,
+    },
+    PubRec {
+        pkid: u16,
+        reason: AckReason,
+    },
+    PubComp {
+        pkid: u16,
+    },
+    PubRel {
+        pkid: u16,
+    },
+    SubAck {
+        pkid: u16,
+        granted: Vec<Option<u8>>,
+    },
+    UnsubAck {
+        pkid: u16,
+        count: usize,
+    },
     PingResp,
-    Publish { topic: String, payload: Bytes, qos: u8, pkid: u16 },
+    Publish {
+        topic: String,
+        payload: Bytes,
+        qos: u8,
+        pkid: u16,
+    },
     /// MQTT 5 only; under 3.1.1 the connection is just closed.
     Disconnect(DisconnectReason),
 }
@@ -172,7 +201,10 @@ fn check_topic(topic: &str) -> Result<(), ReadError> {
         return Err(ReadError::TopicInvalid(topic.into(), "empty"));
     }
     if topic.contains(['+', '#']) {
-        return Err(ReadError::TopicInvalid(topic.into(), "wildcards are not allowed in a PUBLISH"));
+        return Err(ReadError::TopicInvalid(
+            topic.into(),
+            "wildcards are not allowed in a PUBLISH",
+        ));
     }
     if topic.contains('\0') {
         return Err(ReadError::TopicInvalid(topic.into(), "contains NUL"));
@@ -191,7 +223,9 @@ fn fixed_header(buf: &[u8]) -> Result<Option<(usize, usize)>, ReadError> {
         }
     }
     if buf.len() >= 5 {
-        return Err(ReadError::Malformed("remaining length longer than 4 bytes".into()));
+        return Err(ReadError::Malformed(
+            "remaining length longer than 4 bytes".into(),
+        ));
     }
     Ok(None)
 }
@@ -344,7 +378,11 @@ fn read_v4(buf: &mut BytesMut, max: usize) -> Result<Inbound, ReadError> {
         v4::Packet::PubComp(p) => Inbound::PubComp(p.pkid),
         v4::Packet::Subscribe(s) => Inbound::Subscribe {
             pkid: s.pkid,
-            filters: s.filters.into_iter().map(|f| (f.path, f.qos as u8)).collect(),
+            filters: s
+                .filters
+                .into_iter()
+                .map(|f| (f.path, f.qos as u8))
+                .collect(),
         },
         v4::Packet::Unsubscribe(u) => Inbound::Unsubscribe {
             pkid: u.pkid,
@@ -367,8 +405,8 @@ fn read_v5(buf: &mut BytesMut, max: usize) -> Result<Inbound, ReadError> {
         let _ = buf.split_to(2);
         return Ok(Inbound::Disconnect { with_will: false });
     }
-    let packet = v5::Packet::read(buf, Some(max as u32))
-        .map_err(|e| ReadError::Malformed(e.to_string()))?;
+    let packet =
+        v5::Packet::read(buf, Some(max as u32)).map_err(|e| ReadError::Malformed(e.to_string()))?;
     Ok(match packet {
         v5::Packet::Publish(p) => {
             let props = p.properties.unwrap_or_default();
@@ -398,7 +436,11 @@ fn read_v5(buf: &mut BytesMut, max: usize) -> Result<Inbound, ReadError> {
         v5::Packet::PubComp(p) => Inbound::PubComp(p.pkid),
         v5::Packet::Subscribe(s) => Inbound::Subscribe {
             pkid: s.pkid,
-            filters: s.filters.into_iter().map(|f| (f.path, f.qos as u8)).collect(),
+            filters: s
+                .filters
+                .into_iter()
+                .map(|f| (f.path, f.qos as u8))
+                .collect(),
         },
         v5::Packet::Unsubscribe(u) => Inbound::Unsubscribe {
             pkid: u.pkid,
@@ -413,7 +455,9 @@ fn read_v5(buf: &mut BytesMut, max: usize) -> Result<Inbound, ReadError> {
         v5::Packet::SubAck(_) => Inbound::Unexpected("SUBACK"),
         v5::Packet::UnsubAck(_) => Inbound::Unexpected("UNSUBACK"),
         v5::Packet::PingResp(_) => Inbound::Unexpected("PINGRESP"),
-        v5::Packet::Auth(_) => Inbound::Unexpected("AUTH (enhanced authentication is not supported)"),
+        v5::Packet::Auth(_) => {
+            Inbound::Unexpected("AUTH (enhanced authentication is not supported)")
+        }
     })
 }
 

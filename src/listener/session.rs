@@ -20,15 +20,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::oneshot;
-use tracing::Instrument;
 use tokio::time::Instant;
+use tracing::Instrument;
 
+use super::Settings;
 use super::codec::{
-    self, AckReason, ConnAckCode, ConnectError, ConnectRequest, DisconnectReason, Inbound,
-    InPublish, Outbound, Protocol, ReadError,
+    self, AckReason, ConnAckCode, ConnectError, ConnectRequest, DisconnectReason, InPublish,
+    Inbound, Outbound, Protocol, ReadError,
 };
 use super::registry::{Delivery, Registry, SessionState, Takeover};
-use super::Settings;
 use crate::envelope;
 use crate::journal::{Appended, Journal, JournalError};
 use crate::record::{JournaledRecord, Record, now_ms};
@@ -152,7 +152,8 @@ impl Connection {
                 if request.client_id.is_empty() {
                     if !request.clean_start {
                         self.protocol = request.protocol;
-                        metrics::counter!(telemetry::REFUSALS, "reason" => "empty_client_id").increment(1);
+                        metrics::counter!(telemetry::REFUSALS, "reason" => "empty_client_id")
+                            .increment(1);
                         let (code, reason) = refuse(
                             ConnAckCode::ClientIdRejected,
                             "empty client id with a persistent session".to_string(),
@@ -171,9 +172,11 @@ impl Connection {
                 ConnAckCode::UnsupportedProtocol,
                 format!("unsupported protocol {name:?} level {level}"),
             ),
-            Err(ConnectError::Malformed(protocol, why)) => {
-                (protocol, ConnAckCode::Malformed, format!("malformed CONNECT: {why}"))
-            }
+            Err(ConnectError::Malformed(protocol, why)) => (
+                protocol,
+                ConnAckCode::Malformed,
+                format!("malformed CONNECT: {why}"),
+            ),
             Err(e) => {
                 metrics::counter!(telemetry::REFUSALS, "reason" => "bad_connect").increment(1);
                 return Err(e.to_string());
@@ -264,11 +267,14 @@ impl Connection {
             state.undelivered.push_back(delivery);
         }
         match &close {
-            Close::Normal { .. } | Close::Shutdown => tracing::debug!(?close, "Agent disconnected."),
+            Close::Normal { .. } | Close::Shutdown => {
+                tracing::debug!(?close, "Agent disconnected.")
+            }
             Close::TakenOver(_) => tracing::info!("Session taken over by a new connection."),
             Close::Dropped(why) => tracing::debug!(reason = %why, "Agent connection dropped."),
             Close::Refused(reason, why) => {
-                metrics::counter!(telemetry::DISCONNECTS, "reason" => format!("{reason:?}")).increment(1);
+                metrics::counter!(telemetry::DISCONNECTS, "reason" => format!("{reason:?}"))
+                    .increment(1);
                 tracing::warn!(%peer, ?reason, why = %why, "Disconnected agent for a protocol violation.");
             }
         }
@@ -340,11 +346,12 @@ impl Connection {
                     last_heard = Instant::now();
                     loop {
                         let max_packet = self.max_packet();
-                        let packet = match codec::read(self.protocol, &mut self.read_buf, max_packet) {
-                            Ok(Some(packet)) => packet,
-                            Ok(None) => break,
-                            Err(e) => return refused_for(&e),
-                        };
+                        let packet =
+                            match codec::read(self.protocol, &mut self.read_buf, max_packet) {
+                                Ok(Some(packet)) => packet,
+                                Ok(None) => break,
+                                Err(e) => return refused_for(&e),
+                            };
                         if let Some(close) = session.handle(self, packet).await {
                             return close;
                         }
@@ -555,7 +562,10 @@ impl Session {
             .then(|| crate::journal::dedup_key(&record.topic, &record.payload));
         if qos == 0 {
             if let Err(e) = conn.journal.append_unacknowledged(record, key).await {
-                return Some(Close::Refused(DisconnectReason::UnspecifiedError, e.to_string()));
+                return Some(Close::Refused(
+                    DisconnectReason::UnspecifiedError,
+                    e.to_string(),
+                ));
             }
             return None;
         }
@@ -571,7 +581,10 @@ impl Session {
                 });
                 None
             }
-            Err(e) => Some(Close::Refused(DisconnectReason::UnspecifiedError, e.to_string())),
+            Err(e) => Some(Close::Refused(
+                DisconnectReason::UnspecifiedError,
+                e.to_string(),
+            )),
         }
     }
 
@@ -593,7 +606,10 @@ impl Session {
                 self.state.awaiting_rel.remove(&pending.pkid);
             }
             if conn.protocol == Protocol::V311 {
-                return Some(Close::Refused(DisconnectReason::UnspecifiedError, why.clone()));
+                return Some(Close::Refused(
+                    DisconnectReason::UnspecifiedError,
+                    why.clone(),
+                ));
             }
         }
         let pkid = pending.pkid;

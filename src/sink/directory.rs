@@ -75,7 +75,8 @@ impl Sink for DirectorySink {
                             break;
                         }
                         Err(e) => {
-                            metrics::counter!(telemetry::SINK_ERRORS, "reason" => "write").increment(1);
+                            metrics::counter!(telemetry::SINK_ERRORS, "reason" => "write")
+                                .increment(1);
                             tracing::warn!(
                                 error = %e,
                                 dir = %self.dir.display(),

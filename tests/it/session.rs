@@ -1,11 +1,14 @@
 //! Session behaviour an agent relies on, over hand-built MQTT packets and rumqttc clients:
-//! the Will is journaled when (and only when) a connection ends abnormally; a second
-//! connection with the same client id takes the session over (MQTT 5: DISCONNECT 0x8E);
-//! keep-alive closes silent connections (0x8D) and spares pinging ones; a message too large
-//! for one upstream batch is refused (MQTT 5: PUBACK 0x83 and the connection lives on;
-//! 3.1.1: closed without PUBACK) and counted; a QoS 2 re-send before PUBREL is journaled
-//! once; SIGTERM acknowledges, flushes and exits 0 with every PUBACKed message in the outbox;
-//! after `kill -9` the journal is resumed at start-up without any new traffic.
+//! the Will is journaled when (and only when) a connection ends abnormally (socket dropped,
+//! MQTT 5 DISCONNECT 0x04, also in the 1-byte form paho and libmosquitto send; never after a
+//! normal DISCONNECT in any of its valid encodings); a second connection with the same client
+//! id takes the session over (MQTT 5: DISCONNECT 0x8E); keep-alive closes silent connections
+//! (0x8D) and spares pinging ones; a message too large for one upstream batch is refused
+//! (MQTT 5: PUBACK 0x83 and the connection lives on; 3.1.1: closed without PUBACK) and
+//! counted; a QoS 2 re-send before PUBREL is journaled once; SIGTERM acknowledges, flushes and
+//! exits 0 with every PUBACKed message in the outbox; after `kill -9` the journal is resumed
+//! at start-up without any new traffic (the first run holds batches back with a 10-minute
+//! maxDelayMs, the restart uses 200 ms).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,8 +21,8 @@ use serde_json::{Value, json};
 use crate::support::{
     ACK_TIMEOUT, AckedPublisher, BackgroundAgent, Gateway, OUTBOX_TIMEOUT, RAW_PINGREQ, RawConnect,
     RawEvent, RawMqtt, client_id, describe_packet, describe_packets, duplicate_seqs, free_port,
-    header_problems, metric_value, metric_value_with, payload_bytes, poll_until, raw_publish,
-    raw_pubrel, scrape, show, v4_options,
+    header_problems, http_get, metric_value, metric_value_with, payload_bytes, poll_until,
+    raw_publish, raw_pubrel, scrape, show, v4_options,
 };
 
 /// How long a connection the gateway should close may stay open.
@@ -36,7 +39,7 @@ async fn wait_for_connections(metrics: &str, want: f64) {
         &format!("gatehouse_connections == {want}"),
         Duration::from_secs(10),
         || async {
-            let body = crate::support::http_get(metrics, "/metrics").await?;
+            let body = http_get(metrics, "/metrics").await?;
             match metric_value(&body, "gatehouse_connections") {
                 Some(v) if v == want => Ok(()),
                 other => Err(format!("gatehouse_connections = {other:?}")),

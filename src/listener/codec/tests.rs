@@ -7,7 +7,9 @@ fn v4_connect(client_id: &str, clean: bool) -> BytesMut {
     let mut connect = v4::Connect::new(client_id);
     connect.clean_session = clean;
     let mut buf = BytesMut::new();
-    v4::Packet::Connect(connect).write(&mut buf, usize::MAX).unwrap();
+    v4::Packet::Connect(connect)
+        .write(&mut buf, usize::MAX)
+        .unwrap();
     buf
 }
 
@@ -52,7 +54,10 @@ fn mqtt_3_1_and_unknown_levels_are_unsupported() {
         Err(ConnectError::UnsupportedProtocol { level: 6, .. })
     ));
     let mut mqisdp = BytesMut::from(
-        &[0x10, 0x11, 0x00, 0x06, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0x02, 0x00, 0x3c, 0x00, 0x03, b'a', b'b', b'c'][..],
+        &[
+            0x10, 0x11, 0x00, 0x06, b'M', b'Q', b'I', b's', b'd', b'p', 3, 0x02, 0x00, 0x3c, 0x00,
+            0x03, b'a', b'b', b'c',
+        ][..],
     );
     assert!(matches!(
         read_connect(&mut mqisdp, 1024),
@@ -63,7 +68,10 @@ fn mqtt_3_1_and_unknown_levels_are_unsupported() {
 #[test]
 fn first_packet_must_be_connect() {
     let mut buf = BytesMut::from(&[0x30, 0x05, 0x00, 0x01, b't', b'h', b'i'][..]);
-    assert!(matches!(read_connect(&mut buf, 1024), Err(ConnectError::NotConnect)));
+    assert!(matches!(
+        read_connect(&mut buf, 1024),
+        Err(ConnectError::NotConnect)
+    ));
 }
 
 #[test]
@@ -80,9 +88,13 @@ fn oversize_packet_is_refused_from_its_header_alone() {
 fn wildcards_in_a_publish_topic_are_invalid() {
     for topic in ["a/+/b", "a/#"] {
         let mut buf = BytesMut::new();
-        v4::Packet::Publish(v4::Publish::new(topic, rumqttc::mqttbytes::QoS::AtMostOnce, "x"))
-            .write(&mut buf, usize::MAX)
-            .unwrap();
+        v4::Packet::Publish(v4::Publish::new(
+            topic,
+            rumqttc::mqttbytes::QoS::AtMostOnce,
+            "x",
+        ))
+        .write(&mut buf, usize::MAX)
+        .unwrap();
         assert!(matches!(
             read(Protocol::V311, &mut buf, 4096),
             Err(ReadError::TopicInvalid(..))
@@ -94,11 +106,17 @@ fn wildcards_in_a_publish_topic_are_invalid() {
 fn invalid_utf8_topic_is_malformed_in_both_versions() {
     let bytes = [0x30, 0x06, 0x00, 0x02, 0xff, 0xfe, b'h', b'i'];
     let mut buf = BytesMut::from(&bytes[..]);
-    assert!(matches!(read(Protocol::V311, &mut buf, 4096), Err(ReadError::Malformed(_))));
+    assert!(matches!(
+        read(Protocol::V311, &mut buf, 4096),
+        Err(ReadError::Malformed(_))
+    ));
     // MQTT 5 PUBLISH carries a property length after the topic.
     let bytes5 = [0x30, 0x07, 0x00, 0x02, 0xff, 0xfe, 0x00, b'h', b'i'];
     let mut buf = BytesMut::from(&bytes5[..]);
-    assert!(matches!(read(Protocol::V5, &mut buf, 4096), Err(ReadError::Malformed(_))));
+    assert!(matches!(
+        read(Protocol::V5, &mut buf, 4096),
+        Err(ReadError::Malformed(_))
+    ));
 }
 
 #[test]
@@ -114,10 +132,18 @@ fn mqtt5_disconnect_without_reason_code_is_normal() {
 #[test]
 fn mqtt5_disconnect_is_framed_with_its_reason_code() {
     let mut out = BytesMut::new();
-    write(Protocol::V5, &Outbound::Disconnect(DisconnectReason::PacketTooLarge), &mut out);
+    write(
+        Protocol::V5,
+        &Outbound::Disconnect(DisconnectReason::PacketTooLarge),
+        &mut out,
+    );
     assert_eq!(&out[..], &[0xE0, 0x02, 0x95, 0x00]);
     let mut out = BytesMut::new();
-    write(Protocol::V311, &Outbound::Disconnect(DisconnectReason::PacketTooLarge), &mut out);
+    write(
+        Protocol::V311,
+        &Outbound::Disconnect(DisconnectReason::PacketTooLarge),
+        &mut out,
+    );
     assert!(out.is_empty(), "MQTT 3.1.1 has no server DISCONNECT");
 }
 
