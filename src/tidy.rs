@@ -27,5 +27,8 @@ fn every_source_file_opens_with_a_module_doc() {
         })
         .map(|p| p.strip_prefix(root).unwrap().display().to_string())
         .collect();
-    assert!(missing.is_empty(), "files without a //! module doc: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "files without a //! module doc: {missing:?}"
+    );
 }

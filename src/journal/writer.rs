@@ -165,6 +165,8 @@ impl Writer {
                 metrics::counter!(telemetry::DUPLICATES_DROPPED).increment(effect.duplicates);
                 metrics::histogram!(telemetry::JOURNAL_COMMIT_SECONDS)
                     .record(started.elapsed().as_secs_f64());
+                metrics::histogram!(telemetry::JOURNAL_COMMIT_COMMANDS)
+                    .record(pending.len() as f64);
                 self.publish_gauges();
                 for p in pending {
                     match p {

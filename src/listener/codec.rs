@@ -399,11 +399,18 @@ fn read_v4(buf: &mut BytesMut, max: usize) -> Result<Inbound, ReadError> {
 }
 
 fn read_v5(buf: &mut BytesMut, max: usize) -> Result<Inbound, ReadError> {
-    // MQTT 5 allows DISCONNECT with no reason code (remaining length 0, "normal"); rumqttc 0.25
-    // rejects it as "payload required", so it is answered here.
+    // MQTT 5 lets DISCONNECT omit the reason code (remaining length 0) or the properties
+    // (remaining length 1); rumqttc 0.25 rejects both forms, so they are read here.
     if buf.len() >= 2 && buf[0] == 0xE0 && buf[1] == 0 {
         let _ = buf.split_to(2);
         return Ok(Inbound::Disconnect { with_will: false });
+    }
+    if buf.len() >= 3 && buf[0] == 0xE0 && buf[1] == 1 {
+        let reason = buf[2];
+        let _ = buf.split_to(3);
+        return Ok(Inbound::Disconnect {
+            with_will: reason == 0x04,
+        });
     }
     let packet =
         v5::Packet::read(buf, Some(max as u32)).map_err(|e| ReadError::Malformed(e.to_string()))?;

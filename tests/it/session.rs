@@ -373,7 +373,17 @@ async fn keep_alive_closes_silent_connections_and_spares_pinging_ones() {
 
 /// The reason string (property 0x1F) of an MQTT 5 PUBACK body.
 fn reason_string(body: &[u8]) -> Option<String> {
-    let props = body.get(4..)?;
+    // pkid (2), reason code (1), property length (variable byte integer), properties.
+    let (mut len, mut at) = (0usize, 3);
+    for shift in [0, 7, 14, 21] {
+        let b = *body.get(at)?;
+        at += 1;
+        len |= ((b & 0x7f) as usize) << shift;
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    let props = body.get(at..at + len)?;
     let mut i = 0;
     while i < props.len() {
         let id = props[i];

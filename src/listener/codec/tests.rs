@@ -130,6 +130,20 @@ fn mqtt5_disconnect_without_reason_code_is_normal() {
 }
 
 #[test]
+fn mqtt5_disconnect_with_only_a_reason_code_is_read() {
+    let mut buf = BytesMut::from(&[0xE0, 0x01, 0x04, 0xE0, 0x01, 0x00][..]);
+    assert!(matches!(
+        read(Protocol::V5, &mut buf, 4096),
+        Ok(Some(Inbound::Disconnect { with_will: true }))
+    ));
+    assert!(matches!(
+        read(Protocol::V5, &mut buf, 4096),
+        Ok(Some(Inbound::Disconnect { with_will: false }))
+    ));
+    assert!(buf.is_empty());
+}
+
+#[test]
 fn mqtt5_disconnect_is_framed_with_its_reason_code() {
     let mut out = BytesMut::new();
     write(
