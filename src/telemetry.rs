@@ -11,6 +11,8 @@ pub const MESSAGES_IN: &str = "gatehouse_messages_in_total";
 pub const BYTES_IN: &str = "gatehouse_bytes_in_total";
 pub const MESSAGES_JOURNALED: &str = "gatehouse_messages_journaled_total";
 pub const DUPLICATES_DROPPED: &str = "gatehouse_duplicates_dropped_total";
+pub const DEDUP_KEYS: &str = "gatehouse_dedup_keys";
+pub const DEDUP_EVICTED_EARLY: &str = "gatehouse_dedup_evicted_early_total";
 pub const REFUSALS: &str = "gatehouse_refusals_total";
 pub const DISCONNECTS: &str = "gatehouse_disconnects_total";
 pub const JOURNAL_ROWS: &str = "gatehouse_journal_rows";
@@ -57,6 +59,11 @@ fn describe() {
     describe_counter!(
         DUPLICATES_DROPPED,
         "Messages acknowledged but not journaled: seen within the dedup window."
+    );
+    describe_gauge!(DEDUP_KEYS, "Dedup keys held (seen within the window).");
+    describe_counter!(
+        DEDUP_EVICTED_EARLY,
+        "Dedup keys forgotten before their window ended, to respect journal.dedupMaxKeys."
     );
     describe_counter!(REFUSALS, "Messages or connections refused, by reason.");
     describe_counter!(

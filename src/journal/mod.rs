@@ -27,7 +27,7 @@
 //! records     (seq PK autoincrement, received_at, client_id, topic, qos, payload,
 //!              content_type, user_properties, expires_at, stream, priority, size)
 //! batches     (batch_seq PK, sink, first_seq, last_seq, record_count, created_at, payload)
-//! dedup       (id PK, tag, seen_at): 128 bits of sha256(topic 0x00 payload), split in two
+//! dedup       (seq PK, key = sha256(topic 0x00 payload)[..16], seen_at), in arrival order
 //! dead_letter (seq PK, ..., reason, moved_at)
 //! state       (name PK, value): next_batch_seq, batched_through
 //! ```
@@ -45,6 +45,7 @@
 //! Start-up needs no replay: committed rows are the state. Unconfirmed `batches` are re-sent
 //! first, then batching resumes after `batched_through`.
 
+mod dedup;
 mod reader;
 mod schema;
 mod writer;

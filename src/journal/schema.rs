@@ -36,14 +36,13 @@ const MIGRATIONS: &[&str] = &[
         created_at   INTEGER NOT NULL,
         payload      BLOB    NOT NULL
     );
-    -- Seen messages, keyed by the first 128 bits of SHA-256(topic, 0x00, payload): `id` holds
-    -- bits 0..64 (a compact integer B-tree), `tag` bits 64..128. See writer.rs for the rule.
+    -- Dedup keys in arrival order: the first 16 bytes of SHA-256(topic, 0x00, payload), and
+    -- when they were armed. Appended and pruned at the ends only (see dedup.rs).
     CREATE TABLE dedup (
-        id      INTEGER PRIMARY KEY,
-        tag     INTEGER NOT NULL,
+        seq     INTEGER PRIMARY KEY,
+        key     BLOB    NOT NULL,
         seen_at INTEGER NOT NULL     -- ms since the epoch
     );
-    CREATE INDEX dedup_seen_at ON dedup (seen_at);
     -- Records that can never be delivered (e.g. larger than a batch after a config change),
     -- kept for an operator instead of silently deleted.
     CREATE TABLE dead_letter (

@@ -1,6 +1,7 @@
 //! Journal against a real SQLite file: commit-before-ack, restart, dedup, batches, locking.
 
 use super::*;
+use super::{dedup, schema};
 use crate::config::JournalConfig;
 use crate::record::RecordProperties;
 
@@ -208,5 +209,73 @@ async fn dead_lettered_records_leave_the_stream_but_stay_on_disk() {
     assert_eq!(
         (payload, reason),
         (b"poison".to_vec(), "too large".to_string())
+    );
+}
+
+fn dedup_db() -> rusqlite::Connection {
+    let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+    schema::migrate(&mut conn).unwrap();
+    conn
+}
+
+#[test]
+fn a_rolled_back_key_does_not_count_as_seen() {
+    let mut conn = dedup_db();
+    let mut index =
+        dedup::DedupIndex::load(&conn, std::time::Duration::from_secs(60), 1000, 0).unwrap();
+    let key = dedup_key("t", b"payload");
+    {
+        let tx = conn.transaction().unwrap();
+        assert!(!index.check_and_arm(&tx, &key, 1_000).unwrap());
+        // Within the same transaction the key is already seen.
+        assert!(index.check_and_arm(&tx, &key, 1_001).unwrap());
+    } // dropped: rolled back
+    index.rolled_back();
+    let tx = conn.transaction().unwrap();
+    assert!(!index.check_and_arm(&tx, &key, 1_002).unwrap());
+    tx.commit().unwrap();
+    index.committed();
+    let tx = conn.transaction().unwrap();
+    assert!(index.check_and_arm(&tx, &key, 1_003).unwrap());
+}
+
+#[test]
+fn past_the_key_cap_the_oldest_keys_are_forgotten_not_messages() {
+    let mut conn = dedup_db();
+    let window = std::time::Duration::from_secs(3600);
+    let mut index = dedup::DedupIndex::load(&conn, window, 1000, 0).unwrap();
+    for i in 0..1200u32 {
+        let tx = conn.transaction().unwrap();
+        let key = dedup_key("t", &i.to_be_bytes());
+        assert!(!index.check_and_arm(&tx, &key, 10_000 + i as i64).unwrap());
+        index.prune_if_due(&tx, 10_000 + i as i64).unwrap();
+        tx.commit().unwrap();
+        index.committed();
+    }
+    let rows: i64 = conn
+        .query_row("SELECT COUNT(*) FROM dedup", [], |r| r.get(0))
+        .unwrap();
+    assert!(rows <= 1100, "{rows} rows kept");
+    // The newest keys are still known; the oldest were forgotten and count as new again.
+    let tx = conn.transaction().unwrap();
+    assert!(
+        index
+            .check_and_arm(&tx, &dedup_key("t", &1199u32.to_be_bytes()), 20_000)
+            .unwrap()
+    );
+    assert!(
+        !index
+            .check_and_arm(&tx, &dedup_key("t", &0u32.to_be_bytes()), 20_000)
+            .unwrap()
+    );
+    drop(tx);
+    index.rolled_back();
+    // A restart reloads what the table holds: the newest key is still a duplicate.
+    let mut reloaded = dedup::DedupIndex::load(&conn, window, 1000, 20_000).unwrap();
+    let tx = conn.transaction().unwrap();
+    assert!(
+        reloaded
+            .check_and_arm(&tx, &dedup_key("t", &1199u32.to_be_bytes()), 20_001)
+            .unwrap()
     );
 }

@@ -10,13 +10,11 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, watch};
 
+use super::dedup::DedupIndex;
 use super::{Appended, Command, JournalError, Released};
 use crate::config::JournalConfig;
 use crate::record::now_ms;
 use crate::telemetry;
-
-/// How often expired dedup keys are pruned.
-const DEDUP_PRUNE_EVERY: Duration = Duration::from_secs(30);
 
 /// How often the checkpoint thread folds the WAL into the database.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
@@ -57,13 +55,13 @@ pub(super) struct Writer {
     conn: Connection,
     commands: mpsc::Receiver<Command>,
     committed: watch::Sender<u64>,
-    dedup_window_ms: Option<i64>,
+    /// `None` when dedup is off (window 0).
+    dedup: Option<DedupIndex>,
     max_group: usize,
     max_delay: Duration,
     /// Live rows and their accounted bytes, kept in step with every commit.
     rows: u64,
     bytes: u64,
-    last_prune: Instant,
     /// Held for the writer's lifetime: the journal's exclusive lock.
     _lock: std::fs::File,
 }
@@ -99,16 +97,24 @@ impl Writer {
             [],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )?;
+        let dedup = match config.dedup_window() {
+            Some(window) => Some(DedupIndex::load(
+                &conn,
+                window,
+                config.dedup_max_keys.get() as usize,
+                now_ms(),
+            )?),
+            None => None,
+        };
         let writer = Self {
             conn,
             commands,
             committed,
-            dedup_window_ms: config.dedup_window().map(|w| w.as_millis() as i64),
+            dedup,
             max_group: config.commit_max_messages.get() as usize,
             max_delay: Duration::from_millis(config.commit_max_delay_ms.get()),
             rows,
             bytes,
-            last_prune: Instant::now(),
             _lock: lock,
         };
         writer.publish_gauges();
@@ -154,6 +160,12 @@ impl Writer {
         let mut effect = GroupEffect::default();
         let mut pending = Vec::with_capacity(group.len());
         let result = self.apply(group.drain(..), &mut effect, &mut pending);
+        if let Some(dedup) = self.dedup.as_mut() {
+            match result {
+                Ok(()) => dedup.committed(),
+                Err(_) => dedup.rolled_back(),
+            }
+        }
         match result {
             Ok(()) => {
                 self.rows = self.rows + effect.rows_added - effect.released.rows;
@@ -226,8 +238,6 @@ impl Writer {
         pending: &mut Vec<Pending>,
     ) -> Result<(), (JournalError, Vec<Command>)> {
         let now = now_ms();
-        let dedup_window_ms = self.dedup_window_ms;
-        let prune = dedup_window_ms.is_some() && self.last_prune.elapsed() >= DEDUP_PRUNE_EVERY;
         let mut commands = commands;
         let tx = match self.conn.transaction() {
             Ok(tx) => tx,
@@ -239,7 +249,7 @@ impl Writer {
                     record,
                     dedup_key,
                     reply,
-                } => append(&tx, &record, dedup_key, dedup_window_ms, now).map(|(appended, size)| {
+                } => append(&tx, &record, dedup_key.zip(self.dedup.as_mut()), now).map(|(appended, size)| {
                     match appended {
                         Appended::Journaled(seq) => {
                             effect.appended += 1;
@@ -288,11 +298,10 @@ impl Writer {
                 Err(e) => return Err((e.into(), commands.collect())),
             }
         }
-        if prune && let Some(window) = dedup_window_ms {
-            if let Err(e) = tx.execute("DELETE FROM dedup WHERE seen_at < ?1", [now - window]) {
-                return Err((e.into(), Vec::new()));
-            }
-            self.last_prune = Instant::now();
+        if let Some(dedup) = self.dedup.as_mut()
+            && let Err(e) = dedup.prune_if_due(&tx, now)
+        {
+            return Err((e.into(), Vec::new()));
         }
         tx.commit().map_err(|e| (e.into(), Vec::new()))
     }
@@ -311,27 +320,13 @@ fn accounted_size(record: &crate::record::Record) -> u64 {
 fn append(
     tx: &rusqlite::Transaction<'_>,
     record: &crate::record::Record,
-    dedup_key: Option<[u8; 32]>,
-    dedup_window_ms: Option<i64>,
+    dedup: Option<([u8; 32], &mut DedupIndex)>,
     now: i64,
 ) -> rusqlite::Result<(Appended, u64)> {
-    if let (Some(key), Some(window)) = (dedup_key, dedup_window_ms) {
-        // A live entry with the same 128 bits means "seen within the window": a duplicate.
-        // Otherwise the entry is inserted, re-armed (window passed) or, when only the first 64
-        // bits collide with another message, replaced: a collision can cost a later duplicate
-        // being journaled again, never a message being dropped.
-        let id = i64::from_be_bytes(key[..8].try_into().expect("8 bytes"));
-        let tag = i64::from_be_bytes(key[8..16].try_into().expect("8 bytes"));
-        let changed = tx
-            .prepare_cached(
-                "INSERT INTO dedup (id, tag, seen_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (id) DO UPDATE SET tag = excluded.tag, seen_at = excluded.seen_at
-                 WHERE dedup.tag != excluded.tag OR dedup.seen_at < ?4",
-            )?
-            .execute(params![id, tag, now, now - window])?;
-        if changed == 0 {
-            return Ok((Appended::Duplicate, 0));
-        }
+    if let Some((key, index)) = dedup
+        && index.check_and_arm(tx, &key, now)?
+    {
+        return Ok((Appended::Duplicate, 0));
     }
     let props = &record.properties;
     let user_properties = (!props.user_properties.is_empty())
