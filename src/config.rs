@@ -133,6 +133,12 @@ pub struct JournalConfig {
     /// nothing is dropped. Default 1,000,000: a full 10-minute window up to ~1,600 msg/s.
     #[serde(default = "default_dedup_max_keys")]
     pub dedup_max_keys: Bounded<1_000, 100_000_000>,
+    /// Disk the journal's records may use, in bytes (each record is charged its payload, topic
+    /// and client id plus 64). When full: the oldest QoS 0 records not yet batched are evicted;
+    /// then new messages are refused (MQTT 5: PUBACK 0x97; 3.1.1: the connection is closed).
+    /// Default 1 GiB.
+    #[serde(default = "default_journal_max_bytes")]
+    pub max_bytes: Bounded<65_536, { u64::MAX >> 1 }>,
     /// Group commit: the most messages one transaction holds. Default 4096.
     #[serde(default = "default_commit_max_messages")]
     pub commit_max_messages: Bounded<1, 100_000>,
@@ -182,6 +188,160 @@ pub enum UpstreamConfig {
         #[serde(default = "default_directory_inflight", rename = "maxInflight")]
         max_inflight: Bounded<1, 1_000>,
     },
+    /// One MQTT connection over mutual TLS to the AWS IoT Core data endpoint (or any broker).
+    Mqtt(MqttUpstream),
+}
+
+/// MQTT protocol version of the upstream link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum MqttVersion {
+    #[serde(rename = "3.1.1")]
+    V311,
+    #[serde(rename = "5")]
+    V5,
+}
+
+/// The MQTT upstream: mutual TLS, paced to IoT Core's per-connection limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MqttUpstream {
+    /// The broker's host name: the IoT data endpoint (`xxxx-ats.iot.REGION.amazonaws.com`). Also
+    /// the TLS server name (SNI and certificate check).
+    pub host: String,
+    /// 8883 (default), or 443 with ALPN `x-amzn-mqtt-ca`.
+    #[serde(default = "default_mqtt_port")]
+    pub port: Bounded<1, 65_535>,
+    /// PEM file of the CA(s) that sign the broker's certificate (Amazon Root CA 1 for IoT Core).
+    /// Absent: the system's trusted roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// The device certificate (PEM), with any intermediates after it.
+    pub cert_file: PathBuf,
+    /// The device private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// MQTT client id. Default: `thingName` (IoT Core policies usually require that).
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Topic template; `{thingName}` is substituted. At most 256 bytes and 7 slashes after
+    /// substitution, no wildcards; a leading `$aws/rules/<rule>/` (Basic Ingest) is not counted.
+    #[serde(default = "default_upstream_topic")]
+    pub topic: String,
+    /// `"3.1.1"` (default) or `"5"`.
+    #[serde(default = "default_mqtt_version")]
+    pub protocol: MqttVersion,
+    /// Offer ALPN `x-amzn-mqtt-ca` (needed for MQTT over port 443). Default: on for port 443.
+    #[serde(default)]
+    pub alpn: Option<bool>,
+    /// An HTTP CONNECT proxy to reach the broker through.
+    #[serde(default)]
+    pub proxy: Option<ProxyConfig>,
+    /// MQTT keep-alive. Default 30 s.
+    #[serde(default = "default_upstream_keep_alive")]
+    pub keep_alive_secs: Bounded<5, 1_200>,
+    /// Batches published and not yet acknowledged, at most. IoT Core allows 100. Default 100.
+    #[serde(default = "default_upstream_inflight")]
+    pub max_inflight: Bounded<1, 65_535>,
+    /// PUBLISH rate cap. IoT Core allows about 100 per second per connection. Default 100.
+    #[serde(default = "default_upstream_publishes_per_sec")]
+    pub max_publishes_per_sec: Bounded<1, 100_000>,
+    /// Throughput cap in payload bytes per second. IoT Core allows 512 KiB/s. Default 524288.
+    #[serde(default = "default_upstream_bytes_per_sec")]
+    pub max_bytes_per_sec: Bounded<1_024, 1_073_741_824>,
+    /// Reconnect backoff: exponential with full jitter from this... Default 1000.
+    #[serde(default = "default_reconnect_min_ms")]
+    pub reconnect_min_ms: Bounded<100, 3_600_000>,
+    /// ...up to this. Default 120000.
+    #[serde(default = "default_reconnect_max_ms")]
+    pub reconnect_max_ms: Bounded<100, 3_600_000>,
+    /// Watchdog: with batches outstanding and no PUBACK for this long, the link is rebuilt.
+    /// Default 20000.
+    #[serde(default = "default_ack_timeout_ms")]
+    pub ack_timeout_ms: Bounded<1_000, 3_600_000>,
+}
+
+/// An outbound HTTP CONNECT proxy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// `http://host:port`.
+    pub url: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+impl ProxyConfig {
+    /// The proxy's host and port, from `url`.
+    pub fn host_port(&self) -> Result<(String, u16), String> {
+        let rest = self
+            .url
+            .strip_prefix("http://")
+            .ok_or_else(|| format!("expected a URL like \"http://proxy:3128\", got {:?}", self.url))?;
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| format!("no port in {:?}", self.url))?;
+        let port = port
+            .parse()
+            .map_err(|_| format!("bad port in {:?}", self.url))?;
+        if host.is_empty() {
+            return Err(format!("no host in {:?}", self.url));
+        }
+        Ok((host.trim_matches(['[', ']']).to_string(), port))
+    }
+}
+
+impl MqttUpstream {
+    /// The topic with `{thingName}` substituted.
+    pub fn topic_for(&self, thing_name: &str) -> String {
+        self.topic.replace("{thingName}", thing_name)
+    }
+
+    pub fn client_id_for(&self, thing_name: &str) -> String {
+        self.client_id.clone().unwrap_or_else(|| thing_name.to_string())
+    }
+
+    /// ALPN `x-amzn-mqtt-ca`: as configured, else on for port 443.
+    pub fn use_alpn(&self) -> bool {
+        self.alpn.unwrap_or(self.port.get() == 443)
+    }
+}
+
+/// Checks an upstream topic against IoT Core's rules; the reason in the user's terms.
+pub fn check_iot_topic(topic: &str) -> Result<(), String> {
+    if topic.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if topic.contains(['+', '#']) {
+        return Err(format!("{topic:?} contains an MQTT wildcard ('+' or '#')"));
+    }
+    if topic.contains('{') || topic.contains('}') {
+        return Err(format!(
+            "{topic:?} has an unknown placeholder (only {{thingName}} is substituted)"
+        ));
+    }
+    // Basic Ingest: "$aws/rules/<rule>/" is not counted against the limits.
+    let counted = match topic.strip_prefix("$aws/rules/") {
+        Some(rest) => match rest.split_once('/') {
+            Some((rule, rest)) if !rule.is_empty() => rest,
+            _ => return Err(format!("{topic:?}: Basic Ingest topics look like $aws/rules/<ruleName>/<topic>")),
+        },
+        None => topic,
+    };
+    if counted.len() > 256 {
+        return Err(format!(
+            "{topic:?} is {} bytes; AWS IoT Core allows at most 256",
+            counted.len()
+        ));
+    }
+    let slashes = counted.matches('/').count();
+    if slashes > 7 {
+        return Err(format!(
+            "{topic:?} has {slashes} slashes; AWS IoT Core allows at most 7"
+        ));
+    }
+    Ok(())
 }
 
 impl Default for UpstreamConfig {
@@ -208,6 +368,7 @@ impl Default for JournalConfig {
             synchronous: default_synchronous(),
             dedup_window_secs: default_dedup_window_secs(),
             dedup_max_keys: default_dedup_max_keys(),
+            max_bytes: default_journal_max_bytes(),
             commit_max_messages: default_commit_max_messages(),
             commit_max_delay_ms: Bounded::default(),
         }
@@ -272,6 +433,50 @@ impl Config {
         Ok(config)
     }
 
+    fn validate_mqtt(&self, mqtt: &MqttUpstream, errors: &mut Vec<InvalidKey>) {
+        let mut bad = |key: &str, reason: String| {
+            errors.push(InvalidKey {
+                key: format!("upstream.{key}"),
+                reason,
+            })
+        };
+        if mqtt.host.is_empty() {
+            bad("host", "must not be empty".into());
+        }
+        if let Err(reason) = check_iot_topic(&mqtt.topic_for(&self.thing_name)) {
+            bad("topic", reason);
+        }
+        if mqtt.client_id_for(&self.thing_name).is_empty() {
+            bad("clientId", "must not be empty".into());
+        }
+        let files = [
+            ("caFile", mqtt.ca_file.as_ref()),
+            ("certFile", Some(&mqtt.cert_file)),
+            ("keyFile", Some(&mqtt.key_file)),
+        ];
+        for (key, path) in files {
+            if let Some(path) = path
+                && let Err(e) = std::fs::metadata(path)
+            {
+                bad(key, format!("cannot read {}: {e}", path.display()));
+            }
+        }
+        if mqtt.reconnect_min_ms.get() > mqtt.reconnect_max_ms.get() {
+            bad(
+                "reconnectMaxMs",
+                format!(
+                    "must not be less than reconnectMinMs ({})",
+                    mqtt.reconnect_min_ms.get()
+                ),
+            );
+        }
+        if let Some(proxy) = &mqtt.proxy
+            && let Err(reason) = proxy.host_port()
+        {
+            bad("proxy.url", reason);
+        }
+    }
+
     /// Cross-field checks that serde cannot express; every problem is reported, not just the first.
     fn validate(&self) -> Result<(), ConfigError> {
         let mut errors = Vec::new();
@@ -294,6 +499,9 @@ impl Config {
                 key: "upstream.path".into(),
                 reason: "must not be empty".into(),
             });
+        }
+        if let UpstreamConfig::Mqtt(mqtt) = &self.upstream {
+            self.validate_mqtt(mqtt, &mut errors);
         }
         if self.journal.path.as_os_str().is_empty() {
             errors.push(InvalidKey {
@@ -404,6 +612,9 @@ const fn default_synchronous() -> Synchronous {
 const fn default_dedup_window_secs() -> Bounded<0, 604_800> {
     Bounded::new(600)
 }
+const fn default_journal_max_bytes() -> Bounded<65_536, { u64::MAX >> 1 }> {
+    Bounded::new(1 << 30)
+}
 const fn default_dedup_max_keys() -> Bounded<1_000, 100_000_000> {
     Bounded::new(1_000_000)
 }
@@ -424,6 +635,36 @@ const fn default_compression() -> Compression {
 }
 const fn default_directory_inflight() -> Bounded<1, 1_000> {
     Bounded::new(16)
+}
+const fn default_mqtt_port() -> Bounded<1, 65_535> {
+    Bounded::new(8883)
+}
+fn default_upstream_topic() -> String {
+    "gatehouse/{thingName}/batches".to_string()
+}
+const fn default_mqtt_version() -> MqttVersion {
+    MqttVersion::V311
+}
+const fn default_upstream_keep_alive() -> Bounded<5, 1_200> {
+    Bounded::new(30)
+}
+const fn default_upstream_inflight() -> Bounded<1, 65_535> {
+    Bounded::new(100)
+}
+const fn default_upstream_publishes_per_sec() -> Bounded<1, 100_000> {
+    Bounded::new(100)
+}
+const fn default_upstream_bytes_per_sec() -> Bounded<1_024, 1_073_741_824> {
+    Bounded::new(512 * 1024)
+}
+const fn default_reconnect_min_ms() -> Bounded<100, 3_600_000> {
+    Bounded::new(1_000)
+}
+const fn default_reconnect_max_ms() -> Bounded<100, 3_600_000> {
+    Bounded::new(120_000)
+}
+const fn default_ack_timeout_ms() -> Bounded<1_000, 3_600_000> {
+    Bounded::new(20_000)
 }
 fn default_log_level() -> String {
     "info".to_string()

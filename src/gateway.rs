@@ -55,7 +55,7 @@ impl Gateway {
         let config = self.config;
         let (journal, reader, writer) = journal::open(&config.journal)
             .with_context(|| format!("journal.path {}", config.journal.path.display()))?;
-        let sink = sink::build(&config.upstream)?;
+        let sink = sink::build(&config)?;
 
         let settings = batcher::Settings {
             gateway: config.thing_name.clone(),

@@ -31,6 +31,13 @@ pub const COMPRESSION_RATIO: &str = "gatehouse_compression_ratio";
 pub const BILLING_UNITS: &str = "gatehouse_billing_units_total";
 pub const BATCHES_CONFIRMED: &str = "gatehouse_batches_confirmed_total";
 pub const SINK_ERRORS: &str = "gatehouse_sink_errors_total";
+pub const UPSTREAM_CONNECTED: &str = "gatehouse_upstream_connected";
+pub const UPSTREAM_CONNECTS: &str = "gatehouse_upstream_connects_total";
+pub const UPSTREAM_PUBLISHES: &str = "gatehouse_upstream_publishes_total";
+pub const UPSTREAM_BYTES: &str = "gatehouse_upstream_bytes_total";
+pub const UPSTREAM_ACKS: &str = "gatehouse_upstream_acks_total";
+pub const UPSTREAM_ERRORS: &str = "gatehouse_upstream_errors_total";
+pub const JOURNAL_EVICTED: &str = "gatehouse_journal_evicted_total";
 pub const SINK_INFLIGHT: &str = "gatehouse_sink_inflight_batches";
 
 /// Installs the metrics recorder. With an admin address, also serves Prometheus text at

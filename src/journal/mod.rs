@@ -18,6 +18,10 @@
 //!   the database every `CHECKPOINT_EVERY` (PASSIVE: it never blocks the writer), so commits
 //!   never pay for it and pages rewritten within the interval are copied once.
 //! - **One writer per file.** `Journal::open` takes an exclusive lock on `<path>.lock`.
+//! - **Bounded disk.** Records are charged their payload, topic and client id plus 64 bytes
+//!   against `journal.maxBytes`. When an append would pass it, the oldest QoS 0 records not yet
+//!   in a batch are evicted; if none is left, the append is refused with `JournalError::Full`.
+//!   A QoS 1/2 record (acknowledged to its agent) is never evicted.
 //! - **Corruption is loud.** A file that fails `quick_check` is renamed to
 //!   `<path>.corrupt-<ms>` and reported at error level; the gateway then starts a new journal.
 //!
@@ -82,6 +86,10 @@ pub enum JournalError {
     /// The journal directory or lock file could not be created.
     #[error("journal {path}: {reason}")]
     Io { path: PathBuf, reason: String },
+    /// `journal.maxBytes` is reached and nothing may be evicted: the message is refused (not
+    /// stored). Transient: room returns as the upstream confirms batches.
+    #[error("journal is full (journal.maxBytes = {max_bytes})")]
+    Full { max_bytes: u64 },
     /// The writer thread has stopped (shutdown); nothing more can be committed.
     #[error("journal is closed")]
     Closed,

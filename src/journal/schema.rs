@@ -25,6 +25,8 @@ const MIGRATIONS: &[&str] = &[
         priority        INTEGER NOT NULL DEFAULT 0,        -- higher drains first (later issues)
         size            INTEGER NOT NULL                   -- bytes charged against journal caps
     );
+    -- QoS 0 records, the ones a full journal may evict (oldest first).
+    CREATE INDEX records_qos0 ON records (seq) WHERE qos = 0;
     -- A batch sealed for a sink and not yet confirmed. Its payload is kept so a retry, even after
     -- a restart, sends the very same bytes under the same batch_seq.
     CREATE TABLE batches (

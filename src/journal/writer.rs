@@ -16,6 +16,11 @@ use crate::config::JournalConfig;
 use crate::record::now_ms;
 use crate::telemetry;
 
+/// "Journal full" is logged at most this often (with counts), however many messages it refuses.
+const FULL_LOG_EVERY: Duration = Duration::from_secs(10);
+/// QoS 0 records evicted per step when the journal is full.
+const EVICT_STEP: i64 = 256;
+
 /// How often the checkpoint thread folds the WAL into the database.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
@@ -58,12 +63,81 @@ pub(super) struct Writer {
     /// `None` when dedup is off (window 0).
     dedup: Option<DedupIndex>,
     max_group: usize,
+    quota: Quota,
     max_delay: Duration,
     /// Live rows and their accounted bytes, kept in step with every commit.
     rows: u64,
     bytes: u64,
     /// Held for the writer's lifetime: the journal's exclusive lock.
     _lock: std::fs::File,
+}
+
+/// The disk bound (`journal.maxBytes`) and its rate-limited "journal full" log.
+struct Quota {
+    max_bytes: u64,
+    /// When "journal full" was last logged; what was refused and evicted since.
+    full_logged: Option<Instant>,
+    refused_since_log: u64,
+    evicted_since_log: u64,
+}
+
+impl Quota {
+    /// Ensures `record` fits under `max_bytes`, evicting the oldest QoS 0 records not yet in a
+    /// batch if need be. Returns false when it cannot fit (the journal is full of records that
+    /// must not be evicted).
+    fn make_room(
+        &mut self,
+        tx: &rusqlite::Transaction<'_>,
+        committed_bytes: u64,
+        record: &crate::record::Record,
+        effect: &mut GroupEffect,
+    ) -> rusqlite::Result<bool> {
+        let size = accounted_size(record);
+        let used = |effect: &GroupEffect| {
+            (committed_bytes + effect.bytes_added).saturating_sub(effect.released.bytes)
+        };
+        while used(effect) + size > self.max_bytes {
+            let victims: Vec<(i64, u64)> = tx
+                .prepare_cached(
+                    "SELECT seq, size FROM records
+                     WHERE qos = 0 AND seq > (SELECT value FROM state WHERE name = 'batched_through')
+                     ORDER BY seq LIMIT ?1",
+                )?
+                .query_map([EVICT_STEP], |row| Ok((row.get(0)?, row.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            let Some(&(last, _)) = victims.last() else {
+                self.log_full(used(effect));
+                return Ok(false);
+            };
+            let first = victims[0].0;
+            tx.prepare_cached("DELETE FROM records WHERE qos = 0 AND seq BETWEEN ?1 AND ?2")?
+                .execute([first, last])?;
+            let freed: u64 = victims.iter().map(|(_, size)| size).sum();
+            effect.released.rows += victims.len() as u64;
+            effect.released.bytes += freed;
+            self.evicted_since_log += victims.len() as u64;
+            metrics::counter!(telemetry::JOURNAL_EVICTED, "reason" => "journal_full")
+                .increment(victims.len() as u64);
+        }
+        Ok(true)
+    }
+
+    fn log_full(&mut self, used_bytes: u64) {
+        if self.full_logged.is_some_and(|at| at.elapsed() < FULL_LOG_EVERY) {
+            return;
+        }
+        tracing::warn!(
+            max_bytes = self.max_bytes,
+            used_bytes,
+            refused_since_last_log = self.refused_since_log,
+            qos0_evicted_since_last_log = self.evicted_since_log,
+            "Journal full (journal.maxBytes): refusing new messages until the upstream drains it."
+        );
+        self.full_logged = Some(Instant::now());
+        self.refused_since_log = 0;
+        self.evicted_since_log = 0;
+    }
+
 }
 
 /// Per-group bookkeeping, applied to the counters only if the group commits.
@@ -80,6 +154,8 @@ struct GroupEffect {
 /// A reply whose value is known but which may only be sent after commit.
 enum Pending {
     Appended(Option<super::Reply<Appended>>, Appended),
+    /// An append refused on its own (journal full); the rest of the group commits.
+    Refused(Option<super::Reply<Appended>>, JournalError),
     Unit(super::Reply<()>),
     Released(super::Reply<Released>, Released),
 }
@@ -112,6 +188,12 @@ impl Writer {
             committed,
             dedup,
             max_group: config.commit_max_messages.get() as usize,
+            quota: Quota {
+                max_bytes: config.max_bytes.get(),
+                full_logged: None,
+                refused_since_log: 0,
+                evicted_since_log: 0,
+            },
             max_delay: Duration::from_millis(config.commit_max_delay_ms.get()),
             rows,
             bytes,
@@ -186,6 +268,10 @@ impl Writer {
                             let _ = reply.send(Ok(value));
                         }
                         Pending::Appended(None, _) => {}
+                        Pending::Refused(Some(reply), e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                        Pending::Refused(None, _) => {}
                         Pending::Unit(reply) => {
                             let _ = reply.send(Ok(()));
                         }
@@ -202,7 +288,10 @@ impl Writer {
                     Pending::Appended(Some(reply), _) => {
                         let _ = reply.send(Err(e.clone()));
                     }
-                    Pending::Appended(None, _) => {
+                    Pending::Refused(Some(reply), _) => {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                    Pending::Appended(None, _) | Pending::Refused(None, _) => {
                         metrics::counter!(telemetry::REFUSALS, "reason" => "journal_error")
                             .increment(1);
                     }
@@ -249,7 +338,14 @@ impl Writer {
                     record,
                     dedup_key,
                     reply,
-                } => append(&tx, &record, dedup_key.zip(self.dedup.as_mut()), now).map(|(appended, size)| {
+                } => match self.quota.make_room(&tx, self.bytes, &record, effect) {
+                    Err(e) => Err(e),
+                    Ok(false) => {
+                        self.quota.refused_since_log += 1;
+                        metrics::counter!(telemetry::REFUSALS, "reason" => "journal_full").increment(1);
+                        Ok(Pending::Refused(reply, JournalError::Full { max_bytes: self.quota.max_bytes }))
+                    }
+                    Ok(true) => append(&tx, &record, dedup_key.zip(self.dedup.as_mut()), now).map(|(appended, size)| {
                     match appended {
                         Appended::Journaled(seq) => {
                             effect.appended += 1;
@@ -261,6 +357,7 @@ impl Writer {
                     }
                     Pending::Appended(reply, appended)
                 }),
+                },
                 Command::Seal { batch, reply } => tx
                     .execute(
                         "INSERT INTO batches (batch_seq, sink, first_seq, last_seq, record_count, created_at, payload)

@@ -121,6 +121,8 @@ pub enum AckReason {
     Refused(String),
     /// A transient failure (journal write failed); the agent may retry.
     Failed(String),
+    /// The journal is full (MQTT 5 reason 0x97, Quota exceeded); the agent should retry later.
+    QuotaExceeded(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +132,7 @@ pub enum DisconnectReason {
     TopicNameInvalid,
     TopicAliasInvalid,
     PacketTooLarge,
+    QuotaExceeded,
     KeepAliveTimeout,
     SessionTakenOver,
     ServerShuttingDown,
@@ -573,6 +576,7 @@ fn write_v5(packet: &Outbound, out: &mut BytesMut) -> Result<usize, rumqttc::v5:
                 reason: match reason {
                     0x00 => v5::PubAckReason::Success,
                     0x83 => v5::PubAckReason::ImplementationSpecificError,
+                    0x97 => v5::PubAckReason::QuotaExceeded,
                     _ => v5::PubAckReason::UnspecifiedError,
                 },
                 properties: properties.map(|reason_string| v5::PubAckProperties {
@@ -588,6 +592,7 @@ fn write_v5(packet: &Outbound, out: &mut BytesMut) -> Result<usize, rumqttc::v5:
                 reason: match reason {
                     0x00 => v5::PubRecReason::Success,
                     0x83 => v5::PubRecReason::ImplementationSpecificError,
+                    0x97 => v5::PubRecReason::QuotaExceeded,
                     _ => v5::PubRecReason::UnspecifiedError,
                 },
                 properties: properties.map(|reason_string| v5::PubRecProperties {
@@ -649,6 +654,7 @@ fn disconnect_code(reason: DisconnectReason) -> u8 {
         DisconnectReason::TopicNameInvalid => 0x90,
         DisconnectReason::TopicAliasInvalid => 0x94,
         DisconnectReason::PacketTooLarge => 0x95,
+        DisconnectReason::QuotaExceeded => 0x97,
     }
 }
 
@@ -658,6 +664,7 @@ fn ack_reason_v5(reason: &AckReason) -> (u8, Option<String>) {
         AckReason::Success => (0x00, None),
         AckReason::Refused(why) => (0x83, Some(why.clone())),
         AckReason::Failed(why) => (0x80, Some(why.clone())),
+        AckReason::QuotaExceeded(why) => (0x97, Some(why.clone())),
     }
 }
 

@@ -598,18 +598,24 @@ impl Session {
     ) -> Option<Close> {
         let reason = match result {
             Ok(_) => AckReason::Success,
-            Err(e) => AckReason::Failed(e.to_string()),
+            Err(e @ JournalError::Full { .. }) => AckReason::QuotaExceeded(e.to_string()),
+            Err(e) => {
+                metrics::counter!(telemetry::REFUSALS, "reason" => "journal_error").increment(1);
+                AckReason::Failed(e.to_string())
+            }
         };
-        if let AckReason::Failed(why) = &reason {
-            metrics::counter!(telemetry::REFUSALS, "reason" => "journal_error").increment(1);
+        if let AckReason::Failed(why) | AckReason::QuotaExceeded(why) = &reason {
             if pending.qos == 2 {
                 self.state.awaiting_rel.remove(&pending.pkid);
             }
+            // MQTT 3.1.1 cannot refuse a PUBLISH: closing without PUBACK makes the agent keep
+            // the message and send it again after reconnecting.
             if conn.protocol == Protocol::V311 {
-                return Some(Close::Refused(
-                    DisconnectReason::UnspecifiedError,
-                    why.clone(),
-                ));
+                let code = match reason {
+                    AckReason::QuotaExceeded(_) => DisconnectReason::QuotaExceeded,
+                    _ => DisconnectReason::UnspecifiedError,
+                };
+                return Some(Close::Refused(code, why.clone()));
             }
         }
         let pkid = pending.pkid;

@@ -6,10 +6,11 @@
 //! again (same `batch_seq`, same bytes) after a reconnect or a restart: delivery is at least once,
 //! and the cloud deduplicates by (gateway, batch_seq).
 //!
-//! Implementations: `directory` (each batch one file; the embedded default). The MQTT and
-//! Greengrass IPC sinks plug in here.
+//! Implementations: `directory` (each batch one file; the embedded default) and `mqtt` (one
+//! MQTT/TLS link to AWS IoT Core). The Greengrass IPC sink plugs in here too.
 
 mod directory;
+mod mqtt;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -17,8 +18,9 @@ use std::pin::Pin;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::config::UpstreamConfig;
+use crate::config::{Config, UpstreamConfig};
 pub use directory::DirectorySink;
+pub use mqtt::MqttSink;
 
 /// A sealed batch on its way upstream.
 #[derive(Debug, Clone)]
@@ -58,12 +60,14 @@ pub trait Sink: Send + 'static {
     ) -> SinkFuture;
 }
 
-/// Builds the configured sink, validating what can only be checked at run time (directories).
-pub fn build(config: &UpstreamConfig) -> anyhow::Result<Box<dyn Sink>> {
-    match config {
+/// Builds the configured sink, validating what can only be checked at run time (directories,
+/// certificates and keys).
+pub fn build(config: &Config) -> anyhow::Result<Box<dyn Sink>> {
+    match &config.upstream {
         UpstreamConfig::Directory { path, max_inflight } => Ok(Box::new(DirectorySink::new(
             path.clone(),
             max_inflight.get() as usize,
         )?)),
+        UpstreamConfig::Mqtt(mqtt) => Ok(Box::new(MqttSink::new(mqtt.clone(), &config.thing_name)?)),
     }
 }

@@ -10,3 +10,5 @@ mod e2e;
 mod interop;
 mod session;
 mod support;
+mod upstream;
+mod upstream_support;

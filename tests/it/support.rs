@@ -374,6 +374,47 @@ pub async fn decode_file(path: &Path) -> Batch {
     }
 }
 
+/// Decode one batch payload held in memory (e.g. received from an MQTT upstream) with
+/// `gatehouse decode --header` reading stdin: (header, records), or the failure.
+pub async fn decode_bytes(payload: &[u8]) -> Result<(Value, Vec<Value>), String> {
+    let mut child = Command::new(gatehouse_bin())
+        .arg("decode")
+        .arg("--header")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("spawn gatehouse decode: {e}"))?;
+    let mut stdin = child.stdin.take().unwrap();
+    let input = payload.to_vec();
+    // Feed stdin concurrently with reading stdout, so large batches cannot deadlock.
+    let writer = tokio::spawn(async move {
+        let _ = stdin.write_all(&input).await;
+    });
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .map_err(|_| "gatehouse decode hung".to_string())?
+        .map_err(|e| e.to_string())?;
+    let _ = writer.await;
+    if !out.status.success() {
+        return Err(format!(
+            "gatehouse decode --header failed ({}) on {} bytes: {}",
+            out.status,
+            payload.len(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let text = String::from_utf8(out.stdout).map_err(|_| "decode output is not UTF-8")?;
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header: Value = serde_json::from_str(lines.next().ok_or("decode printed no header")?)
+        .map_err(|e| format!("bad header JSON from decode: {e}"))?;
+    let records = lines
+        .map(|l| serde_json::from_str(l).map_err(|e| format!("bad record JSON {l:?}: {e}")))
+        .collect::<Result<Vec<Value>, String>>()?;
+    Ok((header, records))
+}
+
 /// Check every batch header against its records: version 1, count, firstSeq/lastSeq,
 /// seqs increasing inside the batch, batchSeq equals the file name, codec as configured.
 /// Returns the list of problems (empty = fine).
