@@ -62,7 +62,9 @@ pub struct Config {
     pub journal: JournalConfig,
     #[serde(default)]
     pub batch: BatchConfig,
-    #[serde(default)]
+    /// Where batches go. Read by `parse_upstream` (its `kind` picks the shape), so that errors
+    /// inside it still name the full key path.
+    #[serde(skip)]
     pub upstream: UpstreamConfig,
     /// `error`, `warn`, `info` (default), `debug`, `trace`, or any `tracing` filter directive.
     /// `RUST_LOG`, when set, wins.
@@ -176,19 +178,17 @@ pub struct BatchConfig {
     pub compression: Compression,
 }
 
-/// Where batches go.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "camelCase", deny_unknown_fields)]
+/// Where batches go (`upstream.kind`).
+#[derive(Debug, Clone)]
 pub enum UpstreamConfig {
-    /// Each batch is one file in `path`, named by batch sequence number. The embedded default.
+    /// `"directory"`: each batch is one file in `path`, named by batch sequence number. The
+    /// embedded default.
     Directory {
-        #[serde(default = "default_outbox_path")]
         path: PathBuf,
         /// Batches handed to the sink and not yet confirmed, at most. Default 16.
-        #[serde(default = "default_directory_inflight", rename = "maxInflight")]
         max_inflight: Bounded<1, 1_000>,
     },
-    /// One MQTT connection over mutual TLS to the AWS IoT Core data endpoint (or any broker).
+    /// `"mqtt"`: one MQTT connection over mutual TLS to the AWS IoT Core data endpoint.
     Mqtt(MqttUpstream),
 }
 
@@ -418,17 +418,38 @@ impl Config {
 
     /// Parses and validates a JSON document.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
-        let de = &mut serde_json::Deserializer::from_str(text);
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            let reason = e.inner().to_string();
-            // serde_json appends " at line L column C"; the key path says more.
-            let reason = match reason.rfind(" at line ") {
-                Some(at) => reason[..at].to_string(),
-                None => reason,
-            };
-            ConfigError::Invalid(vec![InvalidKey { key, reason }])
+        let doc: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+            ConfigError::Invalid(vec![InvalidKey {
+                key: String::new(),
+                reason: format!("not valid JSON: {e}"),
+            }])
         })?;
+        Self::from_value(doc)
+    }
+
+    /// Builds and validates a config from a JSON value (a file's content, or recipe parameters).
+    pub fn from_value(mut doc: serde_json::Value) -> Result<Self, ConfigError> {
+        let upstream = doc.as_object_mut().and_then(|o| o.remove("upstream"));
+        let config: Result<Config, _> = typed(doc, "");
+        let upstream = upstream.map(parse_upstream).transpose();
+        let config = match (config, upstream) {
+            (Ok(config), Ok(upstream)) => Config {
+                upstream: upstream.unwrap_or_default(),
+                ..config
+            },
+            // Report both halves' problems at once.
+            (config, upstream) => {
+                let errors = [config.err(), upstream.err()]
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|e| match e {
+                        ConfigError::Invalid(keys) => keys,
+                        ConfigError::Read { .. } => Vec::new(),
+                    })
+                    .collect();
+                return Err(ConfigError::Invalid(errors));
+            }
+        };
         config.validate()?;
         Ok(config)
     }
@@ -486,10 +507,13 @@ impl Config {
                 reason: "at least one listener is required".into(),
             });
         }
-        if self.thing_name.is_empty() {
+        if self.thing_name.is_empty() || self.thing_name.len() > 128 {
             errors.push(InvalidKey {
                 key: "thingName".into(),
-                reason: "must not be empty".into(),
+                reason: format!(
+                    "must be 1 to 128 bytes (AWS IoT thing names are), got {} bytes",
+                    self.thing_name.len()
+                ),
             });
         }
         if let UpstreamConfig::Directory { path, .. } = &self.upstream
@@ -515,6 +539,77 @@ impl Config {
             Err(ConfigError::Invalid(errors))
         }
     }
+}
+
+/// Deserializes `value`, naming the key path (below `prefix`) in any error.
+fn typed<T: serde::de::DeserializeOwned>(
+    value: serde_json::Value,
+    prefix: &str,
+) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let key = match (prefix.is_empty(), path.as_str()) {
+            (true, _) => path,
+            (false, ".") => prefix.to_string(),
+            (false, _) => format!("{prefix}.{path}"),
+        };
+        ConfigError::Invalid(vec![InvalidKey {
+            key,
+            reason: e.into_inner().to_string(),
+        }])
+    })
+}
+
+/// Reads `upstream`: its `kind` selects the shape, and errors keep the full key path.
+fn parse_upstream(mut value: serde_json::Value) -> Result<UpstreamConfig, ConfigError> {
+    let invalid = |key: &str, reason: String| {
+        ConfigError::Invalid(vec![InvalidKey {
+            key: key.to_string(),
+            reason,
+        }])
+    };
+    let Some(object) = value.as_object_mut() else {
+        return Err(invalid("upstream", format!("expected an object, got {value}")));
+    };
+    let kind = match object.remove("kind") {
+        Some(serde_json::Value::String(kind)) => kind,
+        Some(other) => {
+            return Err(invalid(
+                "upstream.kind",
+                format!("expected \"directory\" or \"mqtt\", got {other}"),
+            ));
+        }
+        None => {
+            return Err(invalid(
+                "upstream.kind",
+                "missing: \"directory\" or \"mqtt\"".into(),
+            ));
+        }
+    };
+    match kind.as_str() {
+        "directory" => {
+            let d: DirectoryUpstream = typed(value, "upstream")?;
+            Ok(UpstreamConfig::Directory {
+                path: d.path,
+                max_inflight: d.max_inflight,
+            })
+        }
+        "mqtt" => Ok(UpstreamConfig::Mqtt(typed(value, "upstream")?)),
+        other => Err(invalid(
+            "upstream.kind",
+            format!("expected \"directory\" or \"mqtt\", got {other:?}"),
+        )),
+    }
+}
+
+/// The `directory` upstream's keys.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct DirectoryUpstream {
+    #[serde(default = "default_outbox_path")]
+    path: PathBuf,
+    #[serde(default = "default_directory_inflight")]
+    max_inflight: Bounded<1, 1_000>,
 }
 
 /// An integer that must lie in `MIN..=MAX`; its error says so in the user's terms.

@@ -153,14 +153,14 @@ impl Runner {
             let delay = self.backoff.next_delay();
             if self.last_cause.as_deref() != Some(cause.as_str()) {
                 tracing::warn!(
-                    cause = %cause,
+                    cause = ?cause,
                     held_batches = self.held.len(),
                     retry_in_ms = delay.as_millis() as u64,
                     "Upstream link down."
                 );
                 self.last_cause = Some(cause);
             } else {
-                tracing::debug!(cause = %cause, retry_in_ms = delay.as_millis() as u64, "Upstream still down.");
+                tracing::debug!(cause = ?cause, retry_in_ms = delay.as_millis() as u64, "Upstream still down.");
             }
             if !self.wait_accepting_batches(delay).await {
                 return;
