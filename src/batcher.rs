@@ -127,8 +127,12 @@ impl Batcher {
             self.retry_releases().await;
             let committed_now = *committed.borrow_and_update();
 
-            // 1. Top up the buffer while there is committed data and room.
-            if self.fetched_through < committed_now && self.buffer_raw < self.raw_cap {
+            // 1. Top up the buffer while there is committed data and room, and the sink can take
+            //    a batch: records left in the journal meanwhile stay evictable (journal.maxBytes).
+            if self.fetched_through < committed_now
+                && self.buffer_raw < self.raw_cap
+                && self.inflight < self.settings.max_inflight
+            {
                 if let Err(e) = self.fetch(committed_now).await {
                     tracing::error!(error = %e, "Failed to read the journal; retrying.");
                     tokio::time::sleep(RETRY_AFTER).await;
@@ -205,12 +209,20 @@ impl Batcher {
             .reader
             .records_after(self.fetched_through, FETCH_LIMIT, room)
             .await?;
-        match records.last() {
-            Some(last) => self.fetched_through = last.seq,
+        let (Some(first), Some(last)) = (records.first(), records.last()) else {
             // Nothing visible past our cursor (e.g. only duplicates committed): catch up.
-            None => self.fetched_through = committed_now,
-        }
+            self.fetched_through = committed_now;
+            return Ok(());
+        };
+        let (first, last) = (first.seq, last.seq);
+        // From here on the journal will not evict these; drop any QoS 0 record it evicted
+        // between our read and the reservation, so evicted means "not delivered".
+        let present = self.journal.reserve(first, last).await?;
+        self.fetched_through = last;
         for rec in records {
+            if rec.record.qos == 0 && present.binary_search(&rec.seq).is_err() {
+                continue;
+            }
             self.buffer_raw += rec.record.payload.len();
             self.buffer.push_back(rec);
         }

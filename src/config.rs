@@ -189,7 +189,7 @@ pub enum UpstreamConfig {
         max_inflight: Bounded<1, 1_000>,
     },
     /// `"mqtt"`: one MQTT connection over mutual TLS to the AWS IoT Core data endpoint.
-    Mqtt(MqttUpstream),
+    Mqtt(Box<MqttUpstream>),
 }
 
 /// MQTT protocol version of the upstream link.
@@ -274,10 +274,12 @@ pub struct ProxyConfig {
 impl ProxyConfig {
     /// The proxy's host and port, from `url`.
     pub fn host_port(&self) -> Result<(String, u16), String> {
-        let rest = self
-            .url
-            .strip_prefix("http://")
-            .ok_or_else(|| format!("expected a URL like \"http://proxy:3128\", got {:?}", self.url))?;
+        let rest = self.url.strip_prefix("http://").ok_or_else(|| {
+            format!(
+                "expected a URL like \"http://proxy:3128\", got {:?}",
+                self.url
+            )
+        })?;
         let rest = rest.trim_end_matches('/');
         let (host, port) = rest
             .rsplit_once(':')
@@ -299,7 +301,9 @@ impl MqttUpstream {
     }
 
     pub fn client_id_for(&self, thing_name: &str) -> String {
-        self.client_id.clone().unwrap_or_else(|| thing_name.to_string())
+        self.client_id
+            .clone()
+            .unwrap_or_else(|| thing_name.to_string())
     }
 
     /// ALPN `x-amzn-mqtt-ca`: as configured, else on for port 443.
@@ -325,7 +329,11 @@ pub fn check_iot_topic(topic: &str) -> Result<(), String> {
     let counted = match topic.strip_prefix("$aws/rules/") {
         Some(rest) => match rest.split_once('/') {
             Some((rule, rest)) if !rule.is_empty() => rest,
-            _ => return Err(format!("{topic:?}: Basic Ingest topics look like $aws/rules/<ruleName>/<topic>")),
+            _ => {
+                return Err(format!(
+                    "{topic:?}: Basic Ingest topics look like $aws/rules/<ruleName>/<topic>"
+                ));
+            }
         },
         None => topic,
     };
@@ -569,7 +577,10 @@ fn parse_upstream(mut value: serde_json::Value) -> Result<UpstreamConfig, Config
         }])
     };
     let Some(object) = value.as_object_mut() else {
-        return Err(invalid("upstream", format!("expected an object, got {value}")));
+        return Err(invalid(
+            "upstream",
+            format!("expected an object, got {value}"),
+        ));
     };
     let kind = match object.remove("kind") {
         Some(serde_json::Value::String(kind)) => kind,
@@ -594,7 +605,7 @@ fn parse_upstream(mut value: serde_json::Value) -> Result<UpstreamConfig, Config
                 max_inflight: d.max_inflight,
             })
         }
-        "mqtt" => Ok(UpstreamConfig::Mqtt(typed(value, "upstream")?)),
+        "mqtt" => Ok(UpstreamConfig::Mqtt(Box::new(typed(value, "upstream")?))),
         other => Err(invalid(
             "upstream.kind",
             format!("expected \"directory\" or \"mqtt\", got {other:?}"),

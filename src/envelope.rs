@@ -2,7 +2,8 @@
 //!
 //! Guarantees:
 //! - `pack` never returns a payload above its byte budget, for any input, incompressible included,
-//!   as long as the first record passes `fits_alone` (the listener refuses any that do not).
+//!   as long as the first record passes `Budget::fits_alone` (the listener refuses any that do
+//!   not).
 //! - Encoding is deterministic; `decode` detects truncation and corruption (the header carries the
 //!   CRC-32 of the uncompressed record stream) and says which.
 
@@ -19,9 +20,6 @@ use crate::record::{JournaledRecord, Record, RecordProperties};
 pub const MAGIC: &[u8; 4] = b"GHB1";
 /// Envelope format version, in the header.
 pub const VERSION: u32 = 1;
-/// Room kept for the magic, the header length and the header JSON. The header holds the thing
-/// name (at most 128 bytes) and a handful of integers.
-pub const HEADER_RESERVE: usize = 8 + 512;
 
 /// The batch header: what a cloud consumer needs to route, dedup and decode the batch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,15 +126,64 @@ pub fn encoded_len(rec: &JournaledRecord) -> usize {
     out.len()
 }
 
-/// An upper bound on what any codec may produce from `raw` bytes (zstd's and deflate's own bounds
-/// are well inside it).
-pub fn compress_bound(raw: usize) -> usize {
-    raw + raw / 128 + 1024
+/// An upper bound on what `codec` may produce from `raw` bytes, whatever they hold. zstd's is
+/// `ZSTD_COMPRESSBOUND` plus its frame header and checksum; deflate's is zlib's
+/// `deflateBound` with a margin for the stored-block fallback, plus the gzip wrapper.
+pub fn compress_bound(codec: Codec, raw: usize) -> usize {
+    match codec {
+        Codec::None => raw,
+        Codec::Zstd => {
+            let small = if raw < 128 * 1024 {
+                (128 * 1024 - raw) >> 11
+            } else {
+                0
+            };
+            raw + (raw >> 8) + small + 32
+        }
+        Codec::Gzip => raw + (raw >> 6) + 64,
+    }
 }
 
-/// Whether a record alone is sure to fit in a batch of `max_bytes`, whatever its content.
-pub fn fits_alone(rec: &JournaledRecord, max_bytes: usize) -> bool {
-    compress_bound(encoded_len(rec)) + HEADER_RESERVE <= max_bytes
+/// The most bytes the magic, header length and header can take for this gateway.
+pub fn header_reserve(gateway: &str) -> usize {
+    let widest = Header {
+        version: VERSION,
+        gateway: gateway.to_string(),
+        batch_seq: u64::MAX,
+        count: u32::MAX,
+        first_seq: u64::MAX,
+        last_seq: u64::MAX,
+        codec: Codec::Zstd,
+        created_at: i64::MIN,
+        raw_bytes: u64::MAX,
+        raw_crc32: u32::MAX,
+    };
+    8 + serde_json::to_vec(&widest)
+        .expect("header serializes")
+        .len()
+}
+
+/// How an ingest check knows a record can always be batched: the batch budget after the
+/// header, and the codec.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    /// `batch.maxBytes` minus `header_reserve`.
+    pub body_bytes: usize,
+    pub codec: Codec,
+}
+
+impl Budget {
+    pub fn new(max_bytes: usize, gateway: &str, codec: Codec) -> Self {
+        Self {
+            body_bytes: max_bytes.saturating_sub(header_reserve(gateway)),
+            codec,
+        }
+    }
+
+    /// Whether a record alone is sure to fit in a batch, whatever its content.
+    pub fn fits_alone(&self, rec: &JournaledRecord) -> bool {
+        compress_bound(self.codec, encoded_len(rec)) <= self.body_bytes
+    }
 }
 
 fn compress(codec: Codec, raw: &[u8]) -> Vec<u8> {
@@ -227,7 +274,7 @@ pub fn pack(id: &BatchIdentity, records: &[JournaledRecord], max_bytes: usize) -
     let try_prefix = |n: usize| -> Packed { assemble(id, &records[..n], &raw[..ends[n - 1]]) };
 
     // Guaranteed fit: skip the trial compressions.
-    if compress_bound(raw.len()) + HEADER_RESERVE <= max_bytes {
+    if compress_bound(id.codec, raw.len()) + header_reserve(&id.gateway) <= max_bytes {
         return Some(try_prefix(records.len()));
     }
     let mut best: Option<Packed> = None;

@@ -134,7 +134,10 @@ fn missing_certificate_files_name_their_key() {
     let (dir, json) = mqtt_config("");
     std::fs::remove_file(dir.path().join("key.pem")).unwrap();
     let message = error_of(&json);
-    assert!(message.starts_with("upstream.keyFile: cannot read "), "{message}");
+    assert!(
+        message.starts_with("upstream.keyFile: cannot read "),
+        "{message}"
+    );
 }
 
 #[test]

@@ -93,7 +93,7 @@ fn payload_never_exceeds_budget_for_random_and_incompressible_input() {
                 };
                 record(seq, payload)
             })
-            .filter(|r| fits_alone(r, max_bytes))
+            .filter(|r| Budget::new(max_bytes, "gw-test", codec).fits_alone(r))
             .collect();
         if records.is_empty() {
             continue;
@@ -133,8 +133,14 @@ fn compressible_batches_are_filled_close_to_the_budget() {
 #[test]
 fn a_record_too_large_for_the_budget_is_not_packed() {
     let big = record(1, vec![7u8; 4000]);
-    assert!(!fits_alone(&big, 2048));
-    assert!(fits_alone(&record(1, vec![7u8; 100]), 2048));
+    for codec in [Codec::Zstd, Codec::Gzip, Codec::None] {
+        let budget = Budget::new(2048, "gw-test", codec);
+        assert!(!budget.fits_alone(&big), "{codec:?}");
+        assert!(budget.fits_alone(&record(1, vec![7u8; 100])), "{codec:?}");
+    }
+    // Even at the smallest allowed maxBytes a typical small message fits.
+    let small = Budget::new(1024, "gw-test", Codec::Zstd);
+    assert!(small.fits_alone(&record(1, vec![b'x'; 400])));
 }
 
 #[test]
@@ -161,4 +167,26 @@ fn damage_is_reported_clearly() {
     flipped[last] ^= 0x55;
     let err = decode(&flipped).unwrap_err();
     assert!(matches!(err, DecodeError::Checksum { .. }), "{err}");
+}
+
+#[test]
+fn the_largest_record_the_ingest_check_accepts_always_packs() {
+    let mut rng = StdRng::seed_from_u64(11);
+    for codec in [Codec::Zstd, Codec::Gzip, Codec::None] {
+        for max_bytes in [1024usize, 4096, 65_536, 131_072] {
+            let budget = Budget::new(max_bytes, "gw-test", codec);
+            let fits = |len: usize| budget.fits_alone(&record(1, vec![0u8; len]));
+            // Largest payload length the ingest check accepts.
+            let (mut lo, mut hi) = (0usize, max_bytes);
+            while lo + 1 < hi {
+                let mid = (lo + hi) / 2;
+                if fits(mid) { lo = mid } else { hi = mid }
+            }
+            let mut payload = vec![0u8; lo];
+            rng.fill_bytes(&mut payload);
+            let packed = pack(&id(codec), &[record(1, payload)], max_bytes)
+                .unwrap_or_else(|| panic!("{codec:?} {max_bytes}: accepted record does not pack"));
+            assert!(packed.payload.len() <= max_bytes, "{codec:?} {max_bytes}");
+        }
+    }
 }

@@ -19,9 +19,10 @@
 //!   never pay for it and pages rewritten within the interval are copied once.
 //! - **One writer per file.** `Journal::open` takes an exclusive lock on `<path>.lock`.
 //! - **Bounded disk.** Records are charged their payload, topic and client id plus 64 bytes
-//!   against `journal.maxBytes`. When an append would pass it, the oldest QoS 0 records not yet
-//!   in a batch are evicted; if none is left, the append is refused with `JournalError::Full`.
-//!   A QoS 1/2 record (acknowledged to its agent) is never evicted.
+//!   against `journal.maxBytes`. When an append would pass it, the oldest QoS 0 records the
+//!   batcher has not reserved (`Journal::reserve`, in the writer's order, so a record is either
+//!   evicted or batched, never both) are evicted; if none is left, the append is refused with
+//!   `JournalError::Full`. A QoS 1/2 record (acknowledged to its agent) is never evicted.
 //! - **Corruption is loud.** A file that fails `quick_check` is renamed to
 //!   `<path>.corrupt-<ms>` and reported at error level; the gateway then starts a new journal.
 //!
@@ -151,6 +152,11 @@ enum Command {
         reason: String,
         reply: Reply<()>,
     },
+    Reserve {
+        first: u64,
+        last: u64,
+        reply: Reply<Vec<u64>>,
+    },
 }
 
 /// A cheap, clonable handle to the journal writer.
@@ -252,6 +258,15 @@ impl Journal {
         rx.await.map_err(|_| JournalError::Closed)?
     }
 
+    /// The batcher has read records `first..=last`: from now on none of them may be evicted.
+    /// Returns the QoS 0 seqs of that range still present; any other QoS 0 record the batcher
+    /// read was evicted meanwhile and must not be batched.
+    pub async fn reserve(&self, first: u64, last: u64) -> Result<Vec<u64>, JournalError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Reserve { first, last, reply }).await?;
+        rx.await.map_err(|_| JournalError::Closed)?
+    }
+
     /// A watch of the highest committed journal sequence number.
     pub fn committed(&self) -> watch::Receiver<u64> {
         self.committed.clone()
@@ -288,6 +303,8 @@ fn connect(path: &Path, synchronous: Synchronous) -> Result<rusqlite::Connection
     conn.pragma_update(None, "cache_size", -16_384)?;
     // Checkpoints run on their own thread (`writer::spawn`), not inside commits.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    // Once the WAL restarts, it is truncated back to this size rather than left at its peak.
+    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     Ok(conn)
 }
 

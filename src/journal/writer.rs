@@ -21,6 +21,9 @@ const FULL_LOG_EVERY: Duration = Duration::from_secs(10);
 /// QoS 0 records evicted per step when the journal is full.
 const EVICT_STEP: i64 = 256;
 
+/// WAL size past which the checkpoint thread truncates it (holding the writer briefly).
+const WAL_TRUNCATE_AT: u64 = 128 * 1024 * 1024;
+
 /// How often the checkpoint thread folds the WAL into the database.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
@@ -45,13 +48,22 @@ impl WriterGuard {
     }
 }
 
-/// Runs PASSIVE checkpoints until told to stop. A failure is logged and retried next round:
-/// the WAL keeps every committed frame until a checkpoint succeeds, so nothing is at risk.
-fn checkpoint_loop(conn: Connection, stop: Arc<AtomicBool>) {
+/// Runs PASSIVE checkpoints until told to stop. Under sustained writes a passive checkpoint
+/// never lets the WAL restart, so past `WAL_TRUNCATE_AT` a TRUNCATE checkpoint briefly holds the
+/// writer (it waits in its busy handler, on its own thread) and resets the file. A failure is
+/// logged and retried next round: the WAL keeps every committed frame until a checkpoint
+/// succeeds, so nothing is at risk.
+fn checkpoint_loop(conn: Connection, wal: std::path::PathBuf, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(CHECKPOINT_EVERY);
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(error = %e, "Journal checkpoint failed; will retry.");
+        let wal_bytes = std::fs::metadata(&wal).map_or(0, |m| m.len());
+        let mode = if wal_bytes > WAL_TRUNCATE_AT {
+            "TRUNCATE"
+        } else {
+            "PASSIVE"
+        };
+        if let Err(e) = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(())) {
+            tracing::warn!(error = %e, mode, "Journal checkpoint failed; will retry.");
         }
     }
 }
@@ -75,6 +87,8 @@ pub(super) struct Writer {
 /// The disk bound (`journal.maxBytes`) and its rate-limited "journal full" log.
 struct Quota {
     max_bytes: u64,
+    /// Records up to here are in the batcher's hands (reserved or sealed): never evicted.
+    reserved_through: u64,
     /// When "journal full" was last logged; what was refused and evicted since.
     full_logged: Option<Instant>,
     refused_since_log: u64,
@@ -99,11 +113,12 @@ impl Quota {
         while used(effect) + size > self.max_bytes {
             let victims: Vec<(i64, u64)> = tx
                 .prepare_cached(
-                    "SELECT seq, size FROM records
-                     WHERE qos = 0 AND seq > (SELECT value FROM state WHERE name = 'batched_through')
-                     ORDER BY seq LIMIT ?1",
+                    "SELECT seq, size FROM records WHERE qos = 0 AND seq > ?1
+                     ORDER BY seq LIMIT ?2",
                 )?
-                .query_map([EVICT_STEP], |row| Ok((row.get(0)?, row.get(1)?)))?
+                .query_map([self.reserved_through as i64, EVICT_STEP], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })?
                 .collect::<rusqlite::Result<_>>()?;
             let Some(&(last, _)) = victims.last() else {
                 self.log_full(used(effect));
@@ -123,7 +138,10 @@ impl Quota {
     }
 
     fn log_full(&mut self, used_bytes: u64) {
-        if self.full_logged.is_some_and(|at| at.elapsed() < FULL_LOG_EVERY) {
+        if self
+            .full_logged
+            .is_some_and(|at| at.elapsed() < FULL_LOG_EVERY)
+        {
             return;
         }
         tracing::warn!(
@@ -137,7 +155,6 @@ impl Quota {
         self.refused_since_log = 0;
         self.evicted_since_log = 0;
     }
-
 }
 
 /// Per-group bookkeeping, applied to the counters only if the group commits.
@@ -158,6 +175,7 @@ enum Pending {
     Refused(Option<super::Reply<Appended>>, JournalError),
     Unit(super::Reply<()>),
     Released(super::Reply<Released>, Released),
+    Present(super::Reply<Vec<u64>>, Vec<u64>),
 }
 
 impl Writer {
@@ -173,6 +191,11 @@ impl Writer {
             [],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )?;
+        let reserved_through = conn.query_row(
+            "SELECT value FROM state WHERE name = 'batched_through'",
+            [],
+            |row| row.get::<_, i64>(0),
+        )? as u64;
         let dedup = match config.dedup_window() {
             Some(window) => Some(DedupIndex::load(
                 &conn,
@@ -190,6 +213,7 @@ impl Writer {
             max_group: config.commit_max_messages.get() as usize,
             quota: Quota {
                 max_bytes: config.max_bytes.get(),
+                reserved_through,
                 full_logged: None,
                 refused_since_log: 0,
                 evicted_since_log: 0,
@@ -278,6 +302,9 @@ impl Writer {
                         Pending::Released(reply, value) => {
                             let _ = reply.send(Ok(value));
                         }
+                        Pending::Present(reply, value) => {
+                            let _ = reply.send(Ok(value));
+                        }
                     }
                 }
             }
@@ -301,6 +328,9 @@ impl Writer {
                     Pending::Released(reply, _) => {
                         let _ = reply.send(Err(e.clone()));
                     }
+                    Pending::Present(reply, _) => {
+                        let _ = reply.send(Err(e.clone()));
+                    }
                 };
                 pending.into_iter().for_each(fail);
                 rest.into_iter().for_each(|cmd| fail(Self::unapplied(cmd)));
@@ -314,6 +344,7 @@ impl Writer {
             Command::Append { reply, .. } => Pending::Appended(reply, Appended::Duplicate),
             Command::Seal { reply, .. } | Command::DeadLetter { reply, .. } => Pending::Unit(reply),
             Command::Confirm { reply, .. } => Pending::Released(reply, Released::default()),
+            Command::Reserve { reply, .. } => Pending::Present(reply, Vec::new()),
         }
     }
 
@@ -373,7 +404,10 @@ impl Writer {
                         ],
                     )
                     .and_then(|_| set_state(&tx, "next_batch_seq", batch.batch_seq + 1))
-                    .and_then(|_| advance_batched_through(&tx, batch.last_seq))
+                    .and_then(|_| {
+                        self.quota.reserved_through = self.quota.reserved_through.max(batch.last_seq);
+                        advance_batched_through(&tx, batch.last_seq)
+                    })
                     .map(|_| Pending::Unit(reply)),
                 Command::Confirm { batch_seq, reply } => {
                     release(&tx, batch_seq).map(|released| {
@@ -381,6 +415,18 @@ impl Writer {
                         effect.released.bytes += released.bytes;
                         Pending::Released(reply, released)
                     })
+                }
+                Command::Reserve { first, last, reply } => {
+                    self.quota.reserved_through = self.quota.reserved_through.max(last);
+                    tx.prepare_cached(
+                        "SELECT seq FROM records WHERE qos = 0 AND seq BETWEEN ?1 AND ?2 ORDER BY seq",
+                    )
+                    .and_then(|mut stmt| {
+                        stmt.query_map([first as i64, last as i64], |row| row.get::<_, i64>(0))?
+                            .map(|seq| seq.map(|s| s as u64))
+                            .collect::<rusqlite::Result<Vec<u64>>>()
+                    })
+                    .map(|present| Pending::Present(reply, present))
                 }
                 Command::DeadLetter { seq, reason, reply } => {
                     dead_letter(&tx, seq, &reason, now).map(|released| {
@@ -516,9 +562,12 @@ pub(super) fn spawn(writer: Writer, path: &std::path::Path) -> Result<WriterGuar
     checkpoint_conn.busy_timeout(Duration::from_secs(5))?;
     let stop_checkpoints = Arc::new(AtomicBool::new(false));
     let stop = stop_checkpoints.clone();
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    let wal = std::path::PathBuf::from(wal);
     let checkpointer = std::thread::Builder::new()
         .name("journal-checkpoint".into())
-        .spawn(move || checkpoint_loop(checkpoint_conn, stop))
+        .spawn(move || checkpoint_loop(checkpoint_conn, wal, stop))
         .map_err(thread_error)?;
     let writer = std::thread::Builder::new()
         .name("journal-writer".into())

@@ -35,6 +35,7 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// Messages larger than a batch can hold are refused at ingest.
     pub batch_max_bytes: usize,
+    pub batch_budget: crate::envelope::Budget,
     /// Whether to compute dedup keys (dedup window > 0).
     pub dedup: bool,
 }
@@ -46,6 +47,11 @@ impl Settings {
             max_inflight: listener.max_inflight.get() as usize,
             connect_timeout: Duration::from_millis(listener.connect_timeout_ms.get()),
             batch_max_bytes: config.batch.max_bytes.get() as usize,
+            batch_budget: crate::envelope::Budget::new(
+                config.batch.max_bytes.get() as usize,
+                &config.thing_name,
+                config.batch.compression.into(),
+            ),
             dedup: config.journal.dedup_window().is_some(),
         }
     }

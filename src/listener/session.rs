@@ -29,7 +29,6 @@ use super::codec::{
     Inbound, Outbound, Protocol, ReadError,
 };
 use super::registry::{Delivery, Registry, SessionState, Takeover};
-use crate::envelope;
 use crate::journal::{Appended, Journal, JournalError};
 use crate::record::{JournaledRecord, Record, now_ms};
 use crate::shutdown::Shutdown;
@@ -529,7 +528,7 @@ impl Session {
             seq: u64::MAX,
             record,
         };
-        if !envelope::fits_alone(&probe, max_batch) {
+        if !conn.settings.batch_budget.fits_alone(&probe) {
             metrics::counter!(telemetry::REFUSALS, "reason" => "too_large_for_batch").increment(1);
             let why = format!(
                 "message of {} bytes cannot fit in one upstream batch (batch.maxBytes = {max_batch})",

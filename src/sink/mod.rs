@@ -68,6 +68,9 @@ pub fn build(config: &Config) -> anyhow::Result<Box<dyn Sink>> {
             path.clone(),
             max_inflight.get() as usize,
         )?)),
-        UpstreamConfig::Mqtt(mqtt) => Ok(Box::new(MqttSink::new(mqtt.clone(), &config.thing_name)?)),
+        UpstreamConfig::Mqtt(mqtt) => Ok(Box::new(MqttSink::new(
+            (**mqtt).clone(),
+            &config.thing_name,
+        )?)),
     }
 }

@@ -40,8 +40,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, date_time_ymd,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, date_time_ymd,
 };
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use serde_json::{Value, json};
@@ -96,20 +96,21 @@ impl Pki {
         std::fs::create_dir_all(dir).unwrap();
         let write = |name: &str, text: String| std::fs::write(dir.join(name), text).unwrap();
 
-        let (ca_params, ca_key) = ca_params("Gatehouse test CA");
+        let (ca_params, ca_key) = make_ca("Gatehouse test CA");
         let ca_cert = ca_params.self_signed(&ca_key).expect("self-sign CA");
         write("ca.pem", ca_cert.pem());
         let issuer = Issuer::from_params(&ca_params, &ca_key);
 
-        let (other_params, other_key) = ca_params("Unrelated test CA");
-        let other = other_params.self_signed(&other_key).expect("self-sign CA 2");
+        let (other_params, other_key) = make_ca("Unrelated test CA");
+        let other = other_params
+            .self_signed(&other_key)
+            .expect("self-sign CA 2");
         write("other-ca.pem", other.pem());
 
         let leaf = |name: &str, cn: &str, sans: &[&str], server: bool, expired: bool| {
-            let mut p = CertificateParams::new(
-                sans.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-            )
-            .expect("leaf params");
+            let mut p =
+                CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                    .expect("leaf params");
             p.distinguished_name = rcgen::DistinguishedName::new();
             p.distinguished_name.push(DnType::CommonName, cn);
             p.is_ca = IsCa::ExplicitNoCa;
@@ -149,7 +150,7 @@ impl Pki {
     }
 }
 
-fn ca_params(cn: &str) -> (CertificateParams, KeyPair) {
+fn make_ca(cn: &str) -> (CertificateParams, KeyPair) {
     let mut p = CertificateParams::default();
     p.distinguished_name = rcgen::DistinguishedName::new();
     p.distinguished_name.push(DnType::CommonName, cn);
@@ -724,6 +725,58 @@ pub fn tail(s: &str, n: usize) -> &str {
     &s[i..]
 }
 
+// ---------------------------------------------------------------- relay
+
+/// A TCP relay on 127.0.0.1 in front of the broker that can be "closed" (connections are
+/// accepted and dropped at once) without stopping the broker: the gateway sees an outage
+/// while the collector stays connected, so arrival times at the collector are the broker's
+/// receive times (no burst of messages queued while the collector was away).
+pub struct Relay {
+    pub port: u16,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    /// A closed relay forwarding to 127.0.0.1:`target` once opened.
+    pub async fn start(target: u16) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind relay");
+        let port = listener.local_addr().unwrap().port();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open2 = open.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !open2.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    {
+                        let _ = inbound.set_nodelay(true);
+                        let _ = outbound.set_nodelay(true);
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Relay { port, open, task }
+    }
+
+    pub fn set_open(&self, open: bool) {
+        self.open.store(open, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 // ---------------------------------------------------------------- gateway helpers
 
 /// Start a gateway whose upstream is `up` (client certificate pair `client`), with a
@@ -923,12 +976,12 @@ pub fn duplicate_problems(batches: &[UpBatch]) -> Vec<String> {
         }
     }
     let mut multi: Vec<_> = seq_batches.iter().filter(|(_, v)| v.len() > 1).collect();
-    multi.sort();
+    multi.sort_by_key(|(s, _)| **s);
     for (s, v) in multi.iter().take(10) {
         problems.push(format!("record seq {s} is in batches {v:?}"));
     }
     let mut twice: Vec<_> = msg_seqs.iter().filter(|(_, v)| v.len() > 1).collect();
-    twice.sort();
+    twice.sort_by(|a, b| a.0.cmp(b.0));
     for ((c, p), v) in twice.iter().take(10) {
         problems.push(format!(
             "message ({c}, {}) journaled under seqs {v:?}",

@@ -31,11 +31,11 @@ pub enum LinkEvent {
 pub enum Link {
     V311 {
         client: rumqttc::AsyncClient,
-        events: rumqttc::EventLoop,
+        events: Box<rumqttc::EventLoop>,
     },
     V5 {
         client: rumqttc::v5::AsyncClient,
-        events: rumqttc::v5::EventLoop,
+        events: Box<rumqttc::v5::EventLoop>,
     },
 }
 
@@ -88,7 +88,10 @@ impl Link {
                 let mut network = rumqttc::NetworkOptions::new();
                 network.set_connection_timeout(10);
                 events.set_network_options(network);
-                Link::V311 { client, events }
+                Link::V311 {
+                    client,
+                    events: Box::new(events),
+                }
             }
             MqttVersion::V5 => {
                 let mut options = rumqttc::v5::MqttOptions::new(client_id, host, port);
@@ -113,7 +116,10 @@ impl Link {
                     });
                 }
                 let (client, events) = rumqttc::v5::AsyncClient::new(options, capacity);
-                Link::V5 { client, events }
+                Link::V5 {
+                    client,
+                    events: Box::new(events),
+                }
             }
         }
     }

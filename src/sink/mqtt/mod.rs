@@ -133,7 +133,8 @@ impl Runner {
         );
         loop {
             if let Some(last) = self.last_connect {
-                let spacing = (last + MIN_CONNECT_SPACING).saturating_duration_since(Instant::now());
+                let spacing =
+                    (last + MIN_CONNECT_SPACING).saturating_duration_since(Instant::now());
                 if !spacing.is_zero() && !self.wait_accepting_batches(spacing).await {
                     return;
                 }
@@ -146,7 +147,8 @@ impl Runner {
                 Ended::Shutdown => return,
                 Ended::Failed(cause) => cause,
             };
-            metrics::counter!(telemetry::UPSTREAM_ERRORS, "cause" => cause_class(&cause)).increment(1);
+            metrics::counter!(telemetry::UPSTREAM_ERRORS, "cause" => cause_class(&cause))
+                .increment(1);
             if started.elapsed() >= HEALTHY_AFTER {
                 self.backoff.reset();
             }

@@ -50,7 +50,10 @@ pub fn client_config(config: &MqttUpstream) -> anyhow::Result<Arc<ClientConfig>>
         Some(path) => {
             for cert in read_certs(path, "caFile")? {
                 roots.add(cert).with_context(|| {
-                    format!("upstream.caFile: {} holds an unusable CA certificate", path.display())
+                    format!(
+                        "upstream.caFile: {} holds an unusable CA certificate",
+                        path.display()
+                    )
                 })?;
             }
         }
