@@ -4,6 +4,7 @@
 //! Labels are bounded (reasons, never client ids or topics).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 pub const CONNECTIONS: &str = "gatehouse_connections";
 pub const CONNECTIONS_TOTAL: &str = "gatehouse_connections_total";
@@ -120,4 +121,56 @@ fn describe() {
         SINK_INFLIGHT,
         "Batches handed to the sink and not yet confirmed."
     );
+}
+
+/// Lets a repeated log line through at most once per period, and counts what it held back, so
+/// a storm of refusals or failures cannot flood the component log. Use one `static` per site.
+pub struct Throttle {
+    period_ms: i64,
+    /// When the line last went out, in ms since the epoch (0: never).
+    last: AtomicI64,
+    held_back: AtomicU64,
+}
+
+impl Throttle {
+    pub const fn new(period_ms: i64) -> Self {
+        Self {
+            period_ms,
+            last: AtomicI64::new(0),
+            held_back: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(held back since the last one)` when this occurrence may be logged.
+    pub fn ready(&self) -> Option<u64> {
+        let now = crate::record::now_ms();
+        let last = self.last.load(Ordering::Relaxed);
+        if now - last >= self.period_ms
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            Some(self.held_back.swap(0, Ordering::Relaxed))
+        } else {
+            self.held_back.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Throttle;
+
+    #[test]
+    fn throttle_lets_one_through_per_period_and_counts_the_rest() {
+        let throttle = Throttle::new(60_000);
+        assert_eq!(throttle.ready(), Some(0));
+        assert_eq!(throttle.ready(), None);
+        assert_eq!(throttle.ready(), None);
+        let quick = Throttle::new(0);
+        assert_eq!(quick.ready(), Some(0));
+        assert_eq!(quick.ready(), Some(0));
+    }
 }

@@ -310,7 +310,15 @@ impl Writer {
             }
             Err((e, rest)) => {
                 metrics::counter!(telemetry::JOURNAL_WRITE_ERRORS).increment(1);
-                tracing::error!(error = %e, commands = pending.len() + rest.len(), "Journal commit failed; nothing in it is acknowledged.");
+                static LOG: telemetry::Throttle = telemetry::Throttle::new(5_000);
+                if let Some(held_back) = LOG.ready() {
+                    tracing::error!(
+                        error = %e,
+                        commands = pending.len() + rest.len(),
+                        failed_commits_not_logged = held_back,
+                        "Journal commit failed; nothing in it is acknowledged."
+                    );
+                }
                 let fail = |p: Pending| match p {
                     Pending::Appended(Some(reply), _) => {
                         let _ = reply.send(Err(e.clone()));

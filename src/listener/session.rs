@@ -534,7 +534,10 @@ impl Session {
                 "message of {} bytes cannot fit in one upstream batch (batch.maxBytes = {max_batch})",
                 probe.record.payload.len()
             );
-            tracing::warn!(topic = %probe.record.topic, %why, "Refused a message.");
+            static LOG: telemetry::Throttle = telemetry::Throttle::new(10_000);
+            if let Some(held_back) = LOG.ready() {
+                tracing::warn!(topic = %probe.record.topic, %why, similar_not_logged = held_back, "Refused a message.");
+            }
             return match (conn.protocol, qos) {
                 (Protocol::V5, 1) => {
                     conn.send(Outbound::PubAck {
