@@ -171,6 +171,14 @@ pub struct Journal {
 /// Returns the write handle, a reader for the batcher, and the guard that joins the writer
 /// thread once every `Journal` handle is dropped.
 pub fn open(config: &JournalConfig) -> Result<(Journal, JournalReader, WriterGuard), JournalError> {
+    open_with_page_limit(config, None)
+}
+
+/// `open`, with the writer's file capped at `max_pages` pages: how tests make a disk full.
+fn open_with_page_limit(
+    config: &JournalConfig,
+    max_pages: Option<u64>,
+) -> Result<(Journal, JournalReader, WriterGuard), JournalError> {
     let path = config.path.clone();
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| JournalError::Io {
@@ -182,6 +190,9 @@ pub fn open(config: &JournalConfig) -> Result<(Journal, JournalReader, WriterGua
     quarantine_if_corrupt(&path);
     let mut conn = connect(&path, config.synchronous)?;
     schema::migrate(&mut conn)?;
+    if let Some(pages) = max_pages {
+        conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))?;
+    }
     let reader = JournalReader::open(&path)?;
     let last_seq: u64 = conn.query_row(
         "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'records'), 0)",

@@ -279,3 +279,59 @@ fn past_the_key_cap_the_oldest_keys_are_forgotten_not_messages() {
             .unwrap()
     );
 }
+
+#[tokio::test]
+async fn a_full_disk_refuses_new_messages_clearly_and_loses_nothing_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    // A journal file that cannot grow past ~40 pages: SQLite reports SQLITE_FULL, as on a full
+    // disk.
+    let (journal, reader, guard) = open_with_page_limit(&config(&dir, 0), Some(40)).unwrap();
+    let mut committed = Vec::new();
+    let mut failure = None;
+    for i in 0..1000 {
+        let payload = format!("{i:04}-{}", "x".repeat(2000));
+        let rx = journal.append(record("t", &payload), None).await.unwrap();
+        match rx.await.unwrap() {
+            Ok(Appended::Journaled(seq)) => committed.push(seq),
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    let failure = failure.expect("the page limit is reached");
+    assert!(
+        failure.to_string().contains("full"),
+        "the error says the database is full: {failure}"
+    );
+    assert!(!committed.is_empty());
+    // Everything acknowledged before the failure is intact.
+    let stored: Vec<u64> = reader
+        .records_after(0, 10_000, usize::MAX)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(stored, committed);
+    // Room made by a confirmed batch lets ingest continue.
+    journal
+        .seal(SealedBatch {
+            batch_seq: 1,
+            sink: "directory".into(),
+            first_seq: committed[0],
+            last_seq: *committed.last().unwrap(),
+            record_count: committed.len() as u32,
+            created_at: 0,
+            payload: Bytes::from_static(b"b"),
+        })
+        .await
+        .unwrap();
+    journal.confirm(1).await.unwrap();
+    assert!(matches!(
+        append(&journal, "t", "after").await,
+        Appended::Journaled(_)
+    ));
+    close(journal, reader, guard);
+}

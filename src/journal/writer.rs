@@ -372,81 +372,79 @@ impl Writer {
             Err(e) => return Err((e.into(), commands.collect())),
         };
         while let Some(cmd) = commands.next() {
-            let outcome = match cmd {
+            // Each command yields its pending reply even when it fails, so a failed group can
+            // answer every one of its commands with the error.
+            let (outcome, reply) = match cmd {
                 Command::Append {
                     record,
                     dedup_key,
                     reply,
                 } => match self.quota.make_room(&tx, self.bytes, &record, effect) {
-                    Err(e) => Err(e),
+                    Err(e) => (Err(e), Pending::Appended(reply, Appended::Duplicate)),
                     Ok(false) => {
                         self.quota.refused_since_log += 1;
-                        metrics::counter!(telemetry::REFUSALS, "reason" => "journal_full").increment(1);
-                        Ok(Pending::Refused(reply, JournalError::Full { max_bytes: self.quota.max_bytes }))
+                        metrics::counter!(telemetry::REFUSALS, "reason" => "journal_full")
+                            .increment(1);
+                        let full = JournalError::Full {
+                            max_bytes: self.quota.max_bytes,
+                        };
+                        (Ok(()), Pending::Refused(reply, full))
                     }
-                    Ok(true) => append(&tx, &record, dedup_key.zip(self.dedup.as_mut()), now).map(|(appended, size)| {
-                    match appended {
-                        Appended::Journaled(seq) => {
-                            effect.appended += 1;
-                            effect.rows_added += 1;
-                            effect.bytes_added += size;
-                            effect.last_seq = Some(seq);
+                    Ok(true) => {
+                        match append(&tx, &record, dedup_key.zip(self.dedup.as_mut()), now) {
+                            Ok((appended, size)) => {
+                                match appended {
+                                    Appended::Journaled(seq) => {
+                                        effect.appended += 1;
+                                        effect.rows_added += 1;
+                                        effect.bytes_added += size;
+                                        effect.last_seq = Some(seq);
+                                    }
+                                    Appended::Duplicate => effect.duplicates += 1,
+                                }
+                                (Ok(()), Pending::Appended(reply, appended))
+                            }
+                            Err(e) => (Err(e), Pending::Appended(reply, Appended::Duplicate)),
                         }
-                        Appended::Duplicate => effect.duplicates += 1,
                     }
-                    Pending::Appended(reply, appended)
-                }),
                 },
-                Command::Seal { batch, reply } => tx
-                    .execute(
-                        "INSERT INTO batches (batch_seq, sink, first_seq, last_seq, record_count, created_at, payload)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                        params![
-                            batch.batch_seq as i64,
-                            batch.sink,
-                            batch.first_seq as i64,
-                            batch.last_seq as i64,
-                            batch.record_count,
-                            batch.created_at,
-                            &batch.payload[..]
-                        ],
-                    )
-                    .and_then(|_| set_state(&tx, "next_batch_seq", batch.batch_seq + 1))
-                    .and_then(|_| {
-                        self.quota.reserved_through = self.quota.reserved_through.max(batch.last_seq);
-                        advance_batched_through(&tx, batch.last_seq)
-                    })
-                    .map(|_| Pending::Unit(reply)),
-                Command::Confirm { batch_seq, reply } => {
-                    release(&tx, batch_seq).map(|released| {
+                Command::Seal { batch, reply } => {
+                    let outcome = seal(&tx, &batch);
+                    if outcome.is_ok() {
+                        self.quota.reserved_through =
+                            self.quota.reserved_through.max(batch.last_seq);
+                    }
+                    (outcome, Pending::Unit(reply))
+                }
+                Command::Confirm { batch_seq, reply } => match release(&tx, batch_seq) {
+                    Ok(released) => {
                         effect.released.rows += released.rows;
                         effect.released.bytes += released.bytes;
-                        Pending::Released(reply, released)
-                    })
-                }
+                        (Ok(()), Pending::Released(reply, released))
+                    }
+                    Err(e) => (Err(e), Pending::Released(reply, Released::default())),
+                },
                 Command::Reserve { first, last, reply } => {
                     self.quota.reserved_through = self.quota.reserved_through.max(last);
-                    tx.prepare_cached(
-                        "SELECT seq FROM records WHERE qos = 0 AND seq BETWEEN ?1 AND ?2 ORDER BY seq",
-                    )
-                    .and_then(|mut stmt| {
-                        stmt.query_map([first as i64, last as i64], |row| row.get::<_, i64>(0))?
-                            .map(|seq| seq.map(|s| s as u64))
-                            .collect::<rusqlite::Result<Vec<u64>>>()
-                    })
-                    .map(|present| Pending::Present(reply, present))
+                    match qos0_present(&tx, first, last) {
+                        Ok(present) => (Ok(()), Pending::Present(reply, present)),
+                        Err(e) => (Err(e), Pending::Present(reply, Vec::new())),
+                    }
                 }
                 Command::DeadLetter { seq, reason, reply } => {
-                    dead_letter(&tx, seq, &reason, now).map(|released| {
-                        effect.released.rows += released.rows;
-                        effect.released.bytes += released.bytes;
-                        Pending::Unit(reply)
-                    })
+                    match dead_letter(&tx, seq, &reason, now) {
+                        Ok(released) => {
+                            effect.released.rows += released.rows;
+                            effect.released.bytes += released.bytes;
+                            (Ok(()), Pending::Unit(reply))
+                        }
+                        Err(e) => (Err(e), Pending::Unit(reply)),
+                    }
                 }
             };
-            match outcome {
-                Ok(p) => pending.push(p),
-                Err(e) => return Err((e.into(), commands.collect())),
+            pending.push(reply);
+            if let Err(e) = outcome {
+                return Err((e.into(), commands.collect()));
             }
         }
         if let Some(dedup) = self.dedup.as_mut()
@@ -500,6 +498,39 @@ fn append(
         size as i64,
     ])?;
     Ok((Appended::Journaled(tx.last_insert_rowid() as u64), size))
+}
+
+/// Records a sealed batch and advances the batching cursor.
+fn seal(tx: &rusqlite::Transaction<'_>, batch: &super::SealedBatch) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO batches (batch_seq, sink, first_seq, last_seq, record_count, created_at, payload)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        batch.batch_seq as i64,
+        batch.sink,
+        batch.first_seq as i64,
+        batch.last_seq as i64,
+        batch.record_count,
+        batch.created_at,
+        &batch.payload[..]
+    ])?;
+    set_state(tx, "next_batch_seq", batch.batch_seq + 1)?;
+    advance_batched_through(tx, batch.last_seq)
+}
+
+/// The QoS 0 records of `first..=last` still in the journal, in seq order.
+fn qos0_present(
+    tx: &rusqlite::Transaction<'_>,
+    first: u64,
+    last: u64,
+) -> rusqlite::Result<Vec<u64>> {
+    tx.prepare_cached(
+        "SELECT seq FROM records WHERE qos = 0 AND seq BETWEEN ?1 AND ?2 ORDER BY seq",
+    )?
+    .query_map([first as i64, last as i64], |row| row.get::<_, i64>(0))?
+    .map(|seq| seq.map(|s| s as u64))
+    .collect()
 }
 
 fn set_state(tx: &rusqlite::Transaction<'_>, name: &str, value: u64) -> rusqlite::Result<()> {
