@@ -18,6 +18,7 @@ pub const REFUSALS: &str = "gatehouse_refusals_total";
 pub const DISCONNECTS: &str = "gatehouse_disconnects_total";
 pub const JOURNAL_ROWS: &str = "gatehouse_journal_rows";
 pub const JOURNAL_BYTES: &str = "gatehouse_journal_bytes";
+pub const JOURNAL_OLDEST_AGE: &str = "gatehouse_journal_oldest_age_seconds";
 pub const JOURNAL_COMMIT_SECONDS: &str = "gatehouse_journal_commit_seconds";
 pub const JOURNAL_COMMIT_COMMANDS: &str = "gatehouse_journal_commit_commands";
 pub const JOURNAL_WRITE_ERRORS: &str = "gatehouse_journal_write_errors_total";

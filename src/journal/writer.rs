@@ -4,7 +4,7 @@
 //! transaction fails, every command in it gets the error and nothing of it is visible.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -53,7 +53,13 @@ impl WriterGuard {
 /// writer (it waits in its busy handler, on its own thread) and resets the file. A failure is
 /// logged and retried next round: the WAL keeps every committed frame until a checkpoint
 /// succeeds, so nothing is at risk.
-fn checkpoint_loop(conn: Connection, wal: std::path::PathBuf, stop: Arc<AtomicBool>) {
+fn checkpoint_loop(
+    conn: Connection,
+    wal: std::path::PathBuf,
+    stats: Arc<Stats>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut backlog = BacklogReport::default();
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(CHECKPOINT_EVERY);
         let wal_bytes = std::fs::metadata(&wal).map_or(0, |m| m.len());
@@ -64,6 +70,74 @@ fn checkpoint_loop(conn: Connection, wal: std::path::PathBuf, stop: Arc<AtomicBo
         };
         if let Err(e) = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(())) {
             tracing::warn!(error = %e, mode, "Journal checkpoint failed; will retry.");
+        }
+        backlog.tick(&conn, &stats);
+    }
+}
+
+/// The writer's live counters, shared with the checkpoint thread's backlog report.
+#[derive(Default)]
+pub(super) struct Stats {
+    rows: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// Publishes the age of the oldest unconfirmed record and, while a backlog persists, logs its
+/// progress now and then: the operator's view of a long outage and its drain.
+#[derive(Default)]
+struct BacklogReport {
+    last_check: Option<Instant>,
+    last_log: Option<Instant>,
+    last_logged_rows: u64,
+}
+
+impl BacklogReport {
+    const CHECK_EVERY: Duration = Duration::from_secs(5);
+    const LOG_EVERY: Duration = Duration::from_secs(60);
+    /// A backlog worth reporting: its oldest record has waited this long.
+    const REPORT_AGE: Duration = Duration::from_secs(60);
+
+    fn tick(&mut self, conn: &Connection, stats: &Stats) {
+        if self
+            .last_check
+            .is_some_and(|at| at.elapsed() < Self::CHECK_EVERY)
+        {
+            return;
+        }
+        self.last_check = Some(Instant::now());
+        let oldest: Option<i64> = conn
+            .query_row(
+                "SELECT received_at FROM records ORDER BY seq LIMIT 1",
+                [],
+                |row| row.get(0),
+            )
+            .ok();
+        let Some(received_at) = oldest else {
+            metrics::gauge!(telemetry::JOURNAL_OLDEST_AGE).set(0.0);
+            if self.last_log.take().is_some() {
+                tracing::info!("Journal backlog drained.");
+            }
+            return;
+        };
+        let age = Duration::from_millis((now_ms() - received_at).max(0) as u64);
+        metrics::gauge!(telemetry::JOURNAL_OLDEST_AGE).set(age.as_secs_f64());
+        if age >= Self::REPORT_AGE
+            && self
+                .last_log
+                .is_none_or(|at| at.elapsed() >= Self::LOG_EVERY)
+        {
+            let rows = stats.rows.load(Ordering::Relaxed);
+            let bytes = stats.bytes.load(Ordering::Relaxed);
+            let change = rows as i64 - self.last_logged_rows as i64;
+            tracing::info!(
+                rows,
+                bytes,
+                oldest_age_secs = age.as_secs(),
+                rows_change_since_last_report = change,
+                "Journal backlog waiting for the upstream."
+            );
+            self.last_log = Some(Instant::now());
+            self.last_logged_rows = rows;
         }
     }
 }
@@ -80,6 +154,7 @@ pub(super) struct Writer {
     /// Live rows and their accounted bytes, kept in step with every commit.
     rows: u64,
     bytes: u64,
+    stats: Arc<Stats>,
     /// Held for the writer's lifetime: the journal's exclusive lock.
     _lock: std::fs::File,
 }
@@ -221,6 +296,7 @@ impl Writer {
             max_delay: Duration::from_millis(config.commit_max_delay_ms.get()),
             rows,
             bytes,
+            stats: Arc::new(Stats::default()),
             _lock: lock,
         };
         writer.publish_gauges();
@@ -456,6 +532,8 @@ impl Writer {
     }
 
     fn publish_gauges(&self) {
+        self.stats.rows.store(self.rows, Ordering::Relaxed);
+        self.stats.bytes.store(self.bytes, Ordering::Relaxed);
         metrics::gauge!(telemetry::JOURNAL_ROWS).set(self.rows as f64);
         metrics::gauge!(telemetry::JOURNAL_BYTES).set(self.bytes as f64);
     }
@@ -604,9 +682,10 @@ pub(super) fn spawn(writer: Writer, path: &std::path::Path) -> Result<WriterGuar
     let mut wal = path.as_os_str().to_owned();
     wal.push("-wal");
     let wal = std::path::PathBuf::from(wal);
+    let stats = writer.stats.clone();
     let checkpointer = std::thread::Builder::new()
         .name("journal-checkpoint".into())
-        .spawn(move || checkpoint_loop(checkpoint_conn, wal, stop))
+        .spawn(move || checkpoint_loop(checkpoint_conn, wal, stats, stop))
         .map_err(thread_error)?;
     let writer = std::thread::Builder::new()
         .name("journal-writer".into())
