@@ -31,6 +31,9 @@ pub struct ConnectRequest {
     pub receive_maximum: Option<u16>,
     /// MQTT 5: the largest packet the client accepts from us.
     pub max_packet_size: Option<u32>,
+    /// MQTT 5 Session Expiry Interval (absent means 0: the session ends with the connection).
+    /// `None` under 3.1.1, where a persistent session has no expiry.
+    pub session_expiry_secs: Option<u32>,
 }
 
 /// A Will message, journaled when the agent disconnects abnormally.
@@ -282,6 +285,7 @@ pub fn read_connect(
                 username: c.login.map(|l| l.username),
                 receive_maximum: None,
                 max_packet_size: None,
+                session_expiry_secs: None,
             })),
             Ok(_) => Err(ConnectError::NotConnect),
             Err(e) => Err(ConnectError::Malformed(Protocol::V311, e.to_string())),
@@ -320,6 +324,7 @@ pub fn read_connect(
                     username: login.map(|l| l.username),
                     receive_maximum: props.receive_maximum,
                     max_packet_size: props.max_packet_size,
+                    session_expiry_secs: Some(props.session_expiry_interval.unwrap_or(0)),
                 }))
             }
             Ok(_) => Err(ConnectError::NotConnect),

@@ -280,7 +280,9 @@ impl Connection {
         if let Close::TakenOver(handover) = close {
             let _ = handover.send(state);
         } else {
-            let keep = !request.clean_start;
+            // 3.1.1: clean session 0 keeps the session. MQTT 5: only with a non-zero Session
+            // Expiry Interval (absent means the session ends with the connection).
+            let keep = !request.clean_start && request.session_expiry_secs != Some(0);
             registry.unregister(&client_id, registration.conn_id, keep.then_some(state));
         }
         metrics::gauge!(telemetry::CONNECTIONS).decrement(1.0);

@@ -11,4 +11,5 @@ mod interop;
 mod session;
 mod support;
 mod upstream;
+mod upstream_faults;
 mod upstream_support;

@@ -19,47 +19,21 @@ use std::time::Duration;
 
 use rand::Rng;
 use rumqttc::QoS;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::support::{
-    self, AckedPublisher, BackgroundAgent, Gateway, RAW_PINGREQ, RawConnect, RawEvent, RawMqtt,
-    client_id, describe_packet, describe_packets, payload_bytes, poll_until, raw_publish, show,
+    self, AckedPublisher, BackgroundAgent, RAW_PINGREQ, RawConnect, RawEvent, RawMqtt, client_id,
+    describe_packet, describe_packets, payload_bytes, poll_until, raw_publish, show,
 };
 use crate::upstream_support::{
-    Relay, THING, UP_TOPIC, UpBatch, Upstream, duplicate_problems, log_lines, metric,
-    publish_all_acked, start_gateway, tail, up_header_problems, wait_metric,
+    Relay, THING, UP_TOPIC, UpBatch, Upstream, assert_clean, log_lines, metric, publish_all_acked,
+    start_gateway, tail, unique_batch_records, wait_metric,
 };
 
 /// Deadline for a backlog to arrive upstream.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Msg = (String, Vec<u8>);
-
-/// All (clientId, payload) pairs of the records received, with multiplicity, counting each
-/// batchSeq once (a redelivered batch is the same batch).
-fn unique_batch_records(batches: &[UpBatch]) -> Vec<Value> {
-    let mut seen = HashSet::new();
-    batches
-        .iter()
-        .filter(|b| seen.insert(b.batch_seq()))
-        .flat_map(|b| b.records.iter().cloned())
-        .collect()
-}
-
-fn assert_clean(batches: &[UpBatch], gw: &Gateway) {
-    let problems = up_header_problems(batches);
-    assert!(
-        problems.is_empty(),
-        "batch header problems: {problems:#?}\n--- gateway log (tail) ---\n{}",
-        tail(&gw.logs(), 4000)
-    );
-    let dups = duplicate_problems(batches);
-    assert!(
-        dups.is_empty(),
-        "duplicates that are not whole re-sent batches: {dups:#?}\n--- gateway log (tail) ---\n{}",
-        tail(&gw.logs(), 4000)
-    );
-}
 
 // ---------------------------------------------------------------- 1. end to end
 

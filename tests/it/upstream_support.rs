@@ -255,6 +255,24 @@ impl Broker {
         self.child.is_some()
     }
 
+    /// Append lines to the config (takes effect at the next start, or on SIGHUP for the
+    /// options mosquitto reloads).
+    pub fn append_conf(&self, text: &str) {
+        let mut conf = std::fs::read_to_string(&self.conf).unwrap();
+        conf.push_str(text);
+        std::fs::write(&self.conf, conf).unwrap();
+    }
+
+    /// SIGHUP: mosquitto re-reads its config, including the ACL file.
+    pub async fn reload(&self) {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(|c| c.id())
+            .expect("broker not running");
+        signal(pid, "HUP").await;
+    }
+
     /// mosquitto's log so far (all runs).
     pub fn logs(&self) -> String {
         let mut s = std::fs::read_to_string(&self.log_path).unwrap_or_default();
@@ -585,12 +603,28 @@ impl Upstream {
     /// Generate the PKI, start the broker (server certificate `server_name`), start the
     /// collector and wait until its subscription exists. The broker is left running.
     pub async fn start_with_server(server_name: &str) -> Upstream {
+        Self::start_inner(server_name, None).await
+    }
+
+    /// Like [`Upstream::start`], with a mosquitto ACL file (`acl_file`) holding `acl`. Client
+    /// names in it are certificate CNs (`use_identity_as_username`): the gateway is [`THING`],
+    /// the collector `collector` (it needs `topic read gatehouse/#`).
+    pub async fn start_with_acl(acl: &str) -> Upstream {
+        Self::start_inner("server", Some(acl)).await
+    }
+
+    async fn start_inner(server_name: &str, acl: Option<&str>) -> Upstream {
         let dir = tempfile::Builder::new()
             .prefix("gatehouse-up-")
             .tempdir()
             .expect("tempdir");
         let pki = Pki::generate(&dir.path().join("pki"));
         let mut broker = Broker::new(dir.path(), &pki, server_name);
+        if let Some(acl) = acl {
+            let path = dir.path().join("mosquitto.acl");
+            std::fs::write(&path, acl).unwrap();
+            broker.append_conf(&format!("acl_file {}\n", path.display()));
+        }
         let collector = Collector::new(dir.path(), &pki, broker.port);
         broker.start().await;
         let mut up = Upstream {
@@ -612,6 +646,24 @@ impl Upstream {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Replace the ACL file written by [`Upstream::start_with_acl`] and make the running
+    /// broker reload it (SIGHUP); returns once mosquitto logged the reload.
+    pub async fn set_acl(&mut self, acl: &str) {
+        std::fs::write(self.dir.path().join("mosquitto.acl"), acl).unwrap();
+        let reloads = |log: &str| log.matches("Reloading config").count();
+        let before = reloads(&self.broker.logs());
+        self.broker.reload().await;
+        poll_until("mosquitto to reload its config", BROKER_TIMEOUT, || async {
+            let log = self.broker.logs();
+            if reloads(&log) > before {
+                Ok(())
+            } else {
+                Err(format!("broker log tail: {:?}", tail(&log, 500)))
+            }
+        })
+        .await;
     }
 
     /// Wait until the broker logged the collector's SUBACK (its session subscribes
@@ -989,4 +1041,387 @@ pub fn duplicate_problems(batches: &[UpBatch]) -> Vec<String> {
         ));
     }
     problems
+}
+
+/// All (clientId, payload) pairs of the records received, with multiplicity, counting each
+/// batchSeq once (a redelivered batch is the same batch).
+pub fn unique_batch_records(batches: &[UpBatch]) -> Vec<Value> {
+    let mut seen = HashSet::new();
+    batches
+        .iter()
+        .filter(|b| seen.insert(b.batch_seq()))
+        .flat_map(|b| b.records.iter().cloned())
+        .collect()
+}
+
+/// Header problems and duplicates that are not whole re-sent batches fail the test.
+pub fn assert_clean(batches: &[UpBatch], gw: &Gateway) {
+    let problems = up_header_problems(batches);
+    assert!(
+        problems.is_empty(),
+        "batch header problems: {problems:#?}\n--- gateway log (tail) ---\n{}",
+        tail(&gw.logs(), 4000)
+    );
+    let dups = duplicate_problems(batches);
+    assert!(
+        dups.is_empty(),
+        "duplicates that are not whole re-sent batches: {dups:#?}\n--- gateway log (tail) ---\n{}",
+        tail(&gw.logs(), 4000)
+    );
+}
+
+/// The `upstream` config object for a broker that is not an [`Upstream`] (an unresolvable
+/// host, a socket the test controls): certificates from `pki`, fast reconnects (100-200 ms).
+pub fn standalone_upstream(pki: &Pki, host: &str, port: u16) -> Value {
+    let (cert, key) = pki.pair("client");
+    json!({
+        "kind": "mqtt",
+        "host": host,
+        "port": port,
+        "caFile": pki.ca(),
+        "certFile": cert,
+        "keyFile": key,
+        "keepAliveSecs": 30,
+        "reconnectMinMs": 100,
+        "reconnectMaxMs": 200,
+        "ackTimeoutMs": 10000
+    })
+}
+
+/// Start a gateway with this `upstream` object and a metrics endpoint; `tweak` runs last.
+pub async fn start_gateway_with(upstream: Value, tweak: impl Fn(&mut Value)) -> (Gateway, String) {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let m2 = metrics.clone();
+    let gw = Gateway::start_with(move |c| {
+        c["upstream"] = upstream.clone();
+        c["metrics"] = json!({"bind": m2});
+        tweak(c);
+    })
+    .await;
+    (gw, metrics)
+}
+
+/// Distinct payloads for `n` messages of agent `id`: `"{id} {tag} #NNN"`.
+pub fn plan(id: &str, tag: &str, n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| format!("{id} {tag} #{i:03}").into_bytes())
+        .collect()
+}
+
+// ---------------------------------------------------------------- HTTP CONNECT proxy
+
+/// One CONNECT request the proxy received.
+#[derive(Clone, Debug)]
+pub struct ProxyRequest {
+    /// The request line, e.g. `CONNECT localhost:8883 HTTP/1.1`.
+    pub request_line: String,
+    /// `host:port` of a well-formed `CONNECT host:port HTTP/1.1`, else None.
+    pub target: Option<String>,
+    /// The `Proxy-Authorization` header value, if any.
+    pub authorization: Option<String>,
+    /// It was exactly `Basic base64(user:pass)` of the configured credentials.
+    pub auth_ok: bool,
+    /// The tunnel was established (200 sent); then the local port of the proxy's socket to
+    /// the target (what the broker logs as the client's address).
+    pub tunnel_from_port: Option<u16>,
+}
+
+/// A minimal HTTP CONNECT proxy on 127.0.0.1 requiring Basic authentication: 407 for a
+/// missing or wrong `Proxy-Authorization`, 400 for anything but `CONNECT host:port HTTP/1.1`,
+/// 502 if the target does not answer; else `200 Connection established` and a byte tunnel.
+/// `localhost` is dialled as 127.0.0.1.
+pub struct ConnectProxy {
+    pub port: u16,
+    requests: Arc<Mutex<Vec<ProxyRequest>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ConnectProxy {
+    pub async fn start(username: &str, password: &str) -> ConnectProxy {
+        use base64::Engine as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let port = listener.local_addr().unwrap().port();
+        let expected = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"))
+        );
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let reqs = requests.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let expected = expected.clone();
+                let reqs = reqs.clone();
+                tokio::spawn(async move {
+                    let _ = proxy_connection(inbound, &expected, &reqs).await;
+                });
+            }
+        });
+        ConnectProxy {
+            port,
+            requests,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn requests(&self) -> Vec<ProxyRequest> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+impl Drop for ConnectProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn proxy_connection(
+    mut inbound: tokio::net::TcpStream,
+    expected_auth: &str,
+    requests: &Mutex<Vec<ProxyRequest>>,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The request head, up to the blank line (the client sends nothing more before the 200).
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    let end = loop {
+        if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if head.len() > 16 * 1024 {
+            inbound
+                .write_all(b"HTTP/1.1 431 Request Header Fields Too Large\r\n\r\n")
+                .await?;
+            return Ok(());
+        }
+        let n = inbound.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    };
+    let leftover = head.split_off(end);
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = text.split("\r\n");
+    let request_line = lines.next().unwrap_or("").to_string();
+    let authorization = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("proxy-authorization"))
+        .map(|(_, v)| v.trim().to_string());
+    let parts: Vec<&str> = request_line.split(' ').collect();
+    let target = match parts.as_slice() {
+        ["CONNECT", target, "HTTP/1.1"] if target.rsplit_once(':').is_some() => {
+            Some(target.to_string())
+        }
+        _ => None,
+    };
+    let auth_ok = authorization.as_deref() == Some(expected_auth);
+    let index = {
+        let mut r = requests.lock().unwrap();
+        r.push(ProxyRequest {
+            request_line,
+            target: target.clone(),
+            authorization,
+            auth_ok,
+            tunnel_from_port: None,
+        });
+        r.len() - 1
+    };
+    let Some(target) = target else {
+        inbound
+            .write_all(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+            .await?;
+        return Ok(());
+    };
+    if !auth_ok {
+        inbound
+            .write_all(
+                b"HTTP/1.1 407 Proxy Authentication Required\r\n\
+                  Proxy-Authenticate: Basic realm=\"gatehouse-test\"\r\n\
+                  Content-Length: 0\r\nConnection: close\r\n\r\n",
+            )
+            .await?;
+        let _ = inbound.shutdown().await;
+        return Ok(());
+    }
+    let (host, port) = target.rsplit_once(':').unwrap();
+    let host = if host == "localhost" {
+        "127.0.0.1"
+    } else {
+        host
+    };
+    let Ok(port) = port.parse::<u16>() else {
+        inbound
+            .write_all(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+            .await?;
+        return Ok(());
+    };
+    let mut outbound = match tokio::net::TcpStream::connect((host, port)).await {
+        Ok(s) => s,
+        Err(_) => {
+            inbound
+                .write_all(b"HTTP/1.1 502 Bad Gateway\r\nConnection: close\r\n\r\n")
+                .await?;
+            return Ok(());
+        }
+    };
+    requests.lock().unwrap()[index].tunnel_from_port = outbound.local_addr().ok().map(|a| a.port());
+    let _ = inbound.set_nodelay(true);
+    let _ = outbound.set_nodelay(true);
+    inbound
+        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        .await?;
+    if !leftover.is_empty() {
+        outbound.write_all(&leftover).await?;
+    }
+    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- freezable relay
+
+/// One connection through a [`FreezableRelay`].
+struct RelayConn {
+    /// Broker-to-client bytes are read and discarded instead of forwarded.
+    frozen: std::sync::atomic::AtomicBool,
+    /// Bytes discarded while frozen.
+    dropped: std::sync::atomic::AtomicUsize,
+}
+
+/// A TCP relay on 127.0.0.1 in front of the broker whose open connections can be frozen in
+/// the broker-to-client direction: the TCP connection stays up and the client's bytes still
+/// reach the broker, but nothing the broker sends (PUBACK, PINGRESP) reaches the client any
+/// more. Connections accepted later are not frozen.
+pub struct FreezableRelay {
+    pub port: u16,
+    conns: Arc<Mutex<Vec<Arc<RelayConn>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FreezableRelay {
+    pub async fn start(target: u16) -> FreezableRelay {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind relay");
+        let port = listener.local_addr().unwrap().port();
+        let conns: Arc<Mutex<Vec<Arc<RelayConn>>>> = Arc::new(Mutex::new(Vec::new()));
+        let conns2 = conns.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let state = Arc::new(RelayConn {
+                    frozen: AtomicBool::new(false),
+                    dropped: AtomicUsize::new(0),
+                });
+                conns2.lock().unwrap().push(state.clone());
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
+                    let _ = inbound.set_nodelay(true);
+                    let _ = outbound.set_nodelay(true);
+                    let (mut in_r, mut in_w) = inbound.into_split();
+                    let (mut out_r, mut out_w) = outbound.into_split();
+                    let up = async {
+                        let _ = tokio::io::copy(&mut in_r, &mut out_w).await;
+                    };
+                    let down = async {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match out_r.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if state.frozen.load(Ordering::SeqCst) {
+                                state.dropped.fetch_add(n, Ordering::SeqCst);
+                                continue;
+                            }
+                            if in_w.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    };
+                    // Either side closing closes both.
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
+                    }
+                });
+            }
+        });
+        FreezableRelay { port, conns, task }
+    }
+
+    /// Freeze every connection open now; returns how many there are.
+    pub fn freeze_current(&self) -> usize {
+        let conns = self.conns.lock().unwrap();
+        for c in conns.iter() {
+            c.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        conns.len()
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.conns.lock().unwrap().len()
+    }
+
+    /// Broker-to-client bytes discarded by frozen connections.
+    pub fn dropped_bytes(&self) -> usize {
+        self.conns
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| c.dropped.load(std::sync::atomic::Ordering::SeqCst))
+            .sum()
+    }
+}
+
+impl Drop for FreezableRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// ---------------------------------------------------------------- accept-and-close socket
+
+/// A listener on 127.0.0.1:`port` that accepts every TCP connection and closes it at once,
+/// recording when it accepted each: a "broker" that is there but never speaks.
+pub struct AcceptCloser {
+    accepts: Arc<Mutex<Vec<Instant>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AcceptCloser {
+    pub async fn bind(port: u16) -> AcceptCloser {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap_or_else(|e| panic!("bind 127.0.0.1:{port}: {e}"));
+        let accepts = Arc::new(Mutex::new(Vec::new()));
+        let a2 = accepts.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                a2.lock().unwrap().push(Instant::now());
+                drop(s);
+            }
+        });
+        AcceptCloser { accepts, task }
+    }
+
+    pub fn accepts(&self) -> Vec<Instant> {
+        self.accepts.lock().unwrap().clone()
+    }
+}
+
+impl Drop for AcceptCloser {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
