@@ -53,8 +53,12 @@ impl Gateway {
     /// Runs until `signal` resolves, then shuts down in order.
     pub async fn run(self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
         let config = self.config;
-        let (journal, reader, writer) = journal::open(&config.journal)
-            .with_context(|| format!("journal.path {}", config.journal.path.display()))?;
+        // Opening checks integrity and may migrate: blocking work, kept off the reactor.
+        let journal_config = config.journal.clone();
+        let (journal, reader, writer) =
+            tokio::task::spawn_blocking(move || journal::open(&journal_config))
+                .await?
+                .with_context(|| format!("journal.path {}", config.journal.path.display()))?;
         let sink = sink::build(&config)?;
 
         let settings = batcher::Settings {
