@@ -163,18 +163,22 @@ impl Batcher {
                 continue;
             }
 
-            // 3. Done draining?
+            // 3. Done draining? Everything batched and confirmed, or out of time: what is left
+            //    (unsealed records, unconfirmed batches) stays in the journal for the next start.
             if let Some(deadline) = drain_deadline {
                 let all_batched = self.buffer.is_empty()
                     && self.resend.is_empty()
                     && self.fetched_through >= committed_now;
-                if all_batched && (self.inflight == 0 || Instant::now() >= deadline) {
-                    if self.inflight > 0 {
-                        tracing::warn!(
-                            batches = self.inflight,
-                            "Sink did not confirm every batch before shutdown; they stay in the journal and are resent at the next start."
-                        );
-                    }
+                if all_batched && self.inflight == 0 {
+                    return Ok(());
+                }
+                if Instant::now() >= deadline {
+                    tracing::warn!(
+                        unconfirmed_batches = self.inflight + self.resend.len(),
+                        unbatched_records = committed_now.saturating_sub(self.fetched_through)
+                            + self.buffer.len() as u64,
+                        "Upstream did not take everything before shutdown; it stays in the journal and is sent at the next start."
+                    );
                     return Ok(());
                 }
             }

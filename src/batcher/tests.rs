@@ -232,3 +232,36 @@ async fn a_backlog_drains_in_full_batches_within_the_window() {
     }
     close(h, running).await;
 }
+
+#[tokio::test]
+async fn shutdown_ends_within_the_grace_even_when_the_sink_takes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(&dir);
+    for i in 0..50 {
+        append(&h.journal, format!("m{i}")).await;
+    }
+    // Window of one, one record per batch, and a sink that never confirms (upstream down).
+    let mut running = start(
+        &h,
+        batch_config(serde_json::json!({"maxMessages": 1, "maxDelayMs": 10})),
+        1,
+    );
+    let first = next(&mut running).await;
+    assert_eq!(first.record_count, 1);
+    running.stop.fire();
+    // Settings::drain_grace is 200 ms in `start`; allow generous scheduling slack.
+    let ended = tokio::time::timeout(Duration::from_secs(5), &mut running.task).await;
+    assert!(
+        ended.is_ok(),
+        "batcher still running after shutdown with a stuck sink"
+    );
+    ended.unwrap().unwrap().unwrap();
+    drop(running.batches);
+    // Nothing was released: every record is still journaled for the next start.
+    assert_eq!(h.reader.counts().await.unwrap().0, 50);
+    drop(h.journal);
+    drop(h.reader);
+    tokio::task::spawn_blocking(move || h.guard.join())
+        .await
+        .unwrap();
+}
