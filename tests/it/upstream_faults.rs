@@ -213,6 +213,10 @@ async fn upstream_through_http_connect_proxy() {
         gw.logs()
     );
     let line = single_link_down(&gw, "proxy", reqs.len() as f64);
+    assert!(
+        line.contains("credentials"),
+        "a 407 is named as a credentials problem: {line}"
+    );
     eprintln!("wrong proxy password, {} attempts: {line}", reqs.len());
     assert!(
         log_lines(&gw, "Upstream connected.").is_empty(),
@@ -384,25 +388,7 @@ async fn upstream_watchdog_rebuilds_a_stuck_link() {
         relay.connections() > frozen,
         "the gateway reconnected but not through the relay"
     );
-    let batches = up.wait_for(&gw, &wanted, UPSTREAM_TIMEOUT).await;
-    assert_clean(&batches, &gw);
-    assert_exactly_wanted(&batches, &wanted);
-    // The batches published while frozen reached the broker once before the watchdog and
-    // again after it: whole batches with the same batchSeq and bytes.
-    let mut seen: HashMap<u64, usize> = HashMap::new();
-    for b in &batches {
-        *seen.entry(b.batch_seq()).or_default() += 1;
-    }
-    let resent: Vec<u64> = seen
-        .iter()
-        .filter(|(_, n)| **n > 1)
-        .map(|(s, _)| *s)
-        .collect();
-    assert!(
-        !resent.is_empty(),
-        "no batch arrived twice, although the broker received the frozen-time batches before \
-         the watchdog and the gateway must re-send everything unacknowledged"
-    );
+    up.wait_for(&gw, &wanted, UPSTREAM_TIMEOUT).await;
     poll_until("the journal to drain", UPSTREAM_TIMEOUT, || async {
         match metric(&metrics, "gatehouse_journal_rows").await {
             Some(0.0) => Ok(()),
@@ -410,6 +396,37 @@ async fn upstream_watchdog_rebuilds_a_stuck_link() {
         }
     })
     .await;
+    // The batches published while frozen reached the broker (and the collector) once before
+    // the watchdog, and again after it: whole batches with the same batchSeq and bytes. The
+    // first copy may satisfy `wait_for` before the re-sent one is printed by the collector.
+    let (batches, resent) = poll_until(
+        "a re-sent batch (same batchSeq twice) at the collector",
+        Duration::from_secs(15),
+        || async {
+            let batches = up.collector.batches(UP_TOPIC).await;
+            let mut seen: HashMap<u64, usize> = HashMap::new();
+            for b in &batches {
+                *seen.entry(b.batch_seq()).or_default() += 1;
+            }
+            let resent: Vec<u64> = seen
+                .iter()
+                .filter(|(_, n)| **n > 1)
+                .map(|(s, _)| *s)
+                .collect();
+            if resent.is_empty() {
+                Err(format!(
+                    "batchSeqs {:?}: none twice, although the gateway must re-send what was \
+                     unacknowledged when the watchdog fired",
+                    batches.iter().map(UpBatch::batch_seq).collect::<Vec<_>>()
+                ))
+            } else {
+                Ok((batches, resent))
+            }
+        },
+    )
+    .await;
+    assert_clean(&batches, &gw);
+    assert_exactly_wanted(&batches, &wanted);
     eprintln!(
         "watchdog: {} messages, {} payloads upstream, re-sent batchSeqs {resent:?}, relay \
          connections {}, dropped {} bytes",
@@ -461,32 +478,61 @@ async fn upstream_connects_at_most_once_per_second() {
         "{n} connection attempts within {elapsed:.2} s (reconnectMinMs 100, reconnectMaxMs \
          200): more than one per second"
     );
-    assert!(n >= 3.0, "only {n} connection attempts in {elapsed:.2} s");
+    // It does retry: 3 attempts since `c0` (normally within the window; a machine that
+    // stalls the gateway gets more time, the bound above is what matters).
+    poll_until(
+        "3 connection attempts to the closed port",
+        Duration::from_secs(20),
+        || async {
+            match connects(&metrics).await - c0 {
+                n if n >= 3.0 => Ok(()),
+                n => Err(format!(
+                    "{n} attempts in {:.2} s\n--- gateway log ---\n{}",
+                    started.elapsed().as_secs_f64(),
+                    gw.logs()
+                )),
+            }
+        },
+    )
+    .await;
 
     // A socket that accepts and closes at once (TLS fails after TCP succeeded): count the
     // TCP connections it accepts.
     let closer = AcceptCloser::bind(port).await;
     let opened = Instant::now();
-    let c0 = connects(&metrics).await;
     tokio::time::sleep(WINDOW).await;
-    let accepts = closer.accepts();
-    let elapsed = opened.elapsed().as_secs_f64();
-    let c1 = connects(&metrics).await;
+    let window_end = Instant::now();
+    let accepts: Vec<Instant> = closer
+        .accepts()
+        .into_iter()
+        .filter(|t| *t <= window_end)
+        .collect();
+    let elapsed = (window_end - opened).as_secs_f64();
     let n = accepts.len();
     let gaps: Vec<f64> = accepts
         .windows(2)
         .map(|w| (w[1] - w[0]).as_secs_f64())
         .collect();
-    eprintln!(
-        "accept-and-close: {n} TCP connections in {elapsed:.2} s, gaps {gaps:.3?}, \
-         connects_total +{}",
-        c1 - c0
-    );
+    eprintln!("accept-and-close: {n} TCP connections in {elapsed:.2} s, gaps {gaps:.3?}");
     assert!(
         n as f64 <= elapsed.floor() + 1.0,
         "{n} TCP connections within {elapsed:.2} s: more than one per second; gaps {gaps:.3?}"
     );
-    assert!(n >= 3, "only {n} TCP connections in {elapsed:.2} s");
+    poll_until(
+        "3 TCP connections at the accept-and-close socket",
+        Duration::from_secs(20),
+        || async {
+            match closer.accepts().len() {
+                n if n >= 3 => Ok(()),
+                n => Err(format!(
+                    "{n} connections in {:.2} s\n--- gateway log ---\n{}",
+                    opened.elapsed().as_secs_f64(),
+                    gw.logs()
+                )),
+            }
+        },
+    )
+    .await;
     let down = log_lines(&gw, "Upstream link down.");
     eprintln!("causes: {down:#?}");
     gw.assert_alive();
@@ -565,6 +611,18 @@ async fn upstream_mqtt5_refused_publish_is_not_confirmed() {
         denied(),
         refusals.len(),
         refusals[0]
+    );
+    assert_eq!(
+        refusals.len(),
+        1,
+        "a broker that keeps refusing is one outage: one WARN, not one per reconnect"
+    );
+    // The first connection, and the first one after the logged refusal; the later reconnects
+    // into the same refusal are not news.
+    assert_eq!(
+        log_lines(&gw, "Upstream connected.").len(),
+        2,
+        "reconnecting into the same refusal is logged once"
     );
     assert!(
         up.batches().await.is_empty(),

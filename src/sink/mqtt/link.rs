@@ -224,8 +224,20 @@ fn describe_v4(e: &rumqttc::ConnectionError) -> String {
     match e {
         E::ConnectionRefused(code) => format!("broker refused the connection: {code:?}"),
         E::NetworkTimeout => "cannot reach broker: connection timed out".to_string(),
-        E::Proxy(p) => format!("proxy: {p}"),
+        E::Proxy(p) => describe_proxy(&p.to_string()),
         other => describe_error(other).unwrap_or_else(|| format!("link failure: {other}")),
+    }
+}
+
+/// Names the common proxy failures; the proxy's own text otherwise.
+fn describe_proxy(text: &str) -> String {
+    if text.contains("407") {
+        "proxy refused our credentials (HTTP 407); check upstream.proxy.username and password"
+            .to_string()
+    } else if text.contains("Socket connect") {
+        format!("proxy unreachable; check upstream.proxy.url ({text})")
+    } else {
+        format!("proxy: {text}")
     }
 }
 
@@ -234,7 +246,7 @@ fn describe_v5(e: &rumqttc::v5::ConnectionError) -> String {
     match e {
         E::ConnectionRefused(code) => format!("broker refused the connection: {code:?}"),
         E::Timeout(_) => "cannot reach broker: connection timed out".to_string(),
-        E::Proxy(p) => format!("proxy: {p}"),
+        E::Proxy(p) => describe_proxy(&p.to_string()),
         other => describe_error(other).unwrap_or_else(|| format!("link failure: {other}")),
     }
 }

@@ -93,8 +93,11 @@ struct Runner {
     bytes: TokenBucket,
     backoff: Backoff,
     last_connect: Option<Instant>,
-    /// The cause of the current outage, logged once.
-    last_cause: Option<String>,
+    /// The class of the current outage's cause (`cause_class`), logged once; `None` while the
+    /// link is healthy (it has delivered since the last failure).
+    outage: Option<&'static str>,
+    /// "Upstream connected." was logged since the last logged failure.
+    announced_up: bool,
 }
 
 impl Runner {
@@ -119,7 +122,8 @@ impl Runner {
             confirmations,
             held: BTreeMap::new(),
             last_connect: None,
-            last_cause: None,
+            outage: None,
+            announced_up: false,
         }
     }
 
@@ -147,20 +151,25 @@ impl Runner {
                 Ended::Shutdown => return,
                 Ended::Failed(cause) => cause,
             };
-            metrics::counter!(telemetry::UPSTREAM_ERRORS, "cause" => cause_class(&cause))
-                .increment(1);
+            let class = cause_class(&cause);
+            metrics::counter!(telemetry::UPSTREAM_ERRORS, "cause" => class).increment(1);
             if started.elapsed() >= HEALTHY_AFTER {
+                // A long healthy spell ends any outage: the next failure is news.
                 self.backoff.reset();
+                self.outage = None;
             }
             let delay = self.backoff.next_delay();
-            if self.last_cause.as_deref() != Some(cause.as_str()) {
+            // One WARN per change of cause; a flapping link or a broker that keeps refusing
+            // stays at debug until it delivers again.
+            if self.outage != Some(class) {
                 tracing::warn!(
                     cause = ?cause,
                     held_batches = self.held.len(),
                     retry_in_ms = delay.as_millis() as u64,
                     "Upstream link down."
                 );
-                self.last_cause = Some(cause);
+                self.outage = Some(class);
+                self.announced_up = false;
             } else {
                 tracing::debug!(cause = ?cause, retry_in_ms = delay.as_millis() as u64, "Upstream still down.");
             }
@@ -217,12 +226,14 @@ impl Runner {
                         connected = true;
                         progress = Instant::now();
                         metrics::gauge!(telemetry::UPSTREAM_CONNECTED).set(1.0);
-                        tracing::info!(
-                            host = %self.sink.config.host,
-                            resending = to_send.len(),
-                            "Upstream connected."
-                        );
-                        self.last_cause = None;
+                        if !self.announced_up {
+                            tracing::info!(
+                                host = %self.sink.config.host,
+                                resending = to_send.len(),
+                                "Upstream connected."
+                            );
+                            self.announced_up = true;
+                        }
                     }
                     Ok(LinkEvent::Sent(pkid)) => {
                         if let Some(seq) = requested.pop_front() {
@@ -235,6 +246,7 @@ impl Runner {
                             let _ = self.confirmations.send(Confirmation { batch_seq: seq });
                             metrics::counter!(telemetry::UPSTREAM_ACKS).increment(1);
                             self.backoff.reset();
+                            self.outage = None;
                             progress = Instant::now();
                         }
                     }
