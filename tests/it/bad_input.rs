@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
-use crate::support::{BackgroundAgent, Gateway, OUTBOX_TIMEOUT, payload_bytes};
+use crate::support::{BackgroundAgent, Gateway, OUTBOX_TIMEOUT, payload_bytes, split_packet};
 
 /// How long a bad connection may stay open before we call it "not disconnected".
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(6);
@@ -143,7 +143,7 @@ impl Raw {
     async fn read(&mut self, timeout: Duration) -> Result<Got, String> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some((first, body, used)) = parse(&self.buf)? {
+            if let Some((first, body, used)) = split_packet(&self.buf)? {
                 self.buf.drain(..used);
                 return Ok(Got::Packet(first, body));
             }
@@ -239,37 +239,9 @@ impl Raw {
     }
 }
 
-/// Split one packet off the front of `buf`: (first byte, body, bytes used).
-fn parse(buf: &[u8]) -> Result<Option<(u8, Vec<u8>, usize)>, String> {
-    if buf.is_empty() {
-        return Ok(None);
-    }
-    let mut len = 0usize;
-    let mut mult = 1usize;
-    let mut i = 1;
-    loop {
-        let Some(&b) = buf.get(i) else {
-            return Ok(None);
-        };
-        len += (b & 0x7f) as usize * mult;
-        i += 1;
-        if b & 0x80 == 0 {
-            break;
-        }
-        mult *= 128;
-        if i > 4 {
-            return Err(format!("gateway sent a malformed length: {buf:02x?}"));
-        }
-    }
-    if buf.len() < i + len {
-        return Ok(None);
-    }
-    Ok(Some((buf[0], buf[i..i + len].to_vec(), i + len)))
-}
-
 /// Does an MQTT 5 CONNACK body carry Maximum Packet Size (0x27) == `want`?
 fn has_max_packet_size(body: &[u8], want: u32) -> bool {
-    let Some(Some((_, props, _))) = parse(&[&[0u8][..], &body[2..]].concat()).ok() else {
+    let Some(Some((_, props, _))) = split_packet(&[&[0u8][..], &body[2..]].concat()).ok() else {
         return false;
     };
     let mut i = 0;

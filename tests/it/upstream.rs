@@ -27,7 +27,7 @@ use crate::support::{
 };
 use crate::upstream_support::{
     Relay, THING, UP_TOPIC, UpBatch, Upstream, assert_clean, log_lines, metric, publish_all_acked,
-    start_gateway, tail, unique_batch_records, wait_metric,
+    start_gateway, tail, unique_batch_records, wait_link_down, wait_metric,
 };
 
 /// Deadline for a backlog to arrive upstream.
@@ -310,19 +310,7 @@ async fn upstream_kill9_while_upstream_down() {
     let port = gw.port;
 
     // The gateway notices the broker is unreachable (contract cause `cannot reach`).
-    poll_until(
-        "`cannot reach` in the gateway log",
-        Duration::from_secs(15),
-        || async {
-            let lines = log_lines(&gw, "Upstream link down.");
-            if lines.iter().any(|l| l.contains("cannot reach")) {
-                Ok(())
-            } else {
-                Err(format!("link-down lines: {lines:?}"))
-            }
-        },
-    )
-    .await;
+    wait_link_down(&gw, "cannot reach").await;
 
     // The journal accepts offline: every message is PUBACKed.
     let mut wanted: Vec<Msg> = Vec::new();

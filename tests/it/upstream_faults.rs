@@ -20,7 +20,7 @@ use crate::support::{AckedPublisher, poll_until, show};
 use crate::upstream_support::{
     AcceptCloser, ConnectProxy, FreezableRelay, Pki, THING, UP_TOPIC, UpBatch, Upstream,
     assert_clean, log_lines, metric, plan, publish_all_acked, standalone_upstream, start_gateway,
-    start_gateway_with, tail, unique_batch_records, wait_metric,
+    start_gateway_with, tail, unique_batch_records, wait_link_down, wait_metric,
 };
 
 /// Deadline for messages to arrive upstream.
@@ -450,19 +450,7 @@ async fn upstream_connects_at_most_once_per_second() {
     let port = crate::support::free_port();
     let (mut gw, metrics) =
         start_gateway_with(standalone_upstream(&pki, "localhost", port), |_| {}).await;
-    poll_until(
-        "`cannot reach` in the gateway log",
-        Duration::from_secs(15),
-        || async {
-            let lines = log_lines(&gw, "Upstream link down.");
-            if lines.iter().any(|l| l.contains("cannot reach")) {
-                Ok(())
-            } else {
-                Err(format!("link-down lines: {lines:?}"))
-            }
-        },
-    )
-    .await;
+    wait_link_down(&gw, "cannot reach").await;
 
     // Closed port: count attempts with the gateway's own counter. Starts inside the interval
     // between two scrapes are at most floor(elapsed) + 1 when they are >= 1 s apart.

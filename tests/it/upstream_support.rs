@@ -860,6 +860,23 @@ pub fn log_lines(gw: &Gateway, needle: &str) -> Vec<String> {
 }
 
 /// Wait for a metric to satisfy `pred`; returns its value.
+/// Waits until the gateway logged `Upstream link down.` with a cause containing `needle`.
+pub async fn wait_link_down(gw: &Gateway, needle: &str) {
+    poll_until(
+        &format!("`{needle}` in the gateway log"),
+        Duration::from_secs(15),
+        || async {
+            let lines = log_lines(gw, "Upstream link down.");
+            if lines.iter().any(|l| l.contains(needle)) {
+                Ok(())
+            } else {
+                Err(format!("link-down lines: {lines:?}"))
+            }
+        },
+    )
+    .await;
+}
+
 pub async fn wait_metric(
     metrics: &str,
     name: &str,
