@@ -220,8 +220,13 @@ impl Batcher {
         };
         let (first, last) = (first.seq, last.seq);
         // From here on the journal will not evict these; drop any QoS 0 record it evicted
-        // between our read and the reservation, so evicted means "not delivered".
-        let present = self.journal.reserve(first, last).await?;
+        // between our read and the reservation, so evicted means "not delivered". Only QoS 0
+        // records are ever evicted: a read without any needs no reservation (and no wait).
+        let present = if records.iter().any(|r| r.record.qos == 0) {
+            self.journal.reserve(first, last).await?
+        } else {
+            Vec::new()
+        };
         self.fetched_through = last;
         for rec in records {
             if rec.record.qos == 0 && present.binary_search(&rec.seq).is_err() {

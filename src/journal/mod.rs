@@ -304,7 +304,9 @@ pub fn dedup_key(topic: &str, payload: &[u8]) -> [u8; 32] {
 /// Opens a connection with the journal's pragmas.
 fn connect(path: &Path, synchronous: Synchronous) -> Result<rusqlite::Connection, JournalError> {
     let conn = rusqlite::Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(5))?;
+    // A TRUNCATE checkpoint may hold the write lock for a while; the writer waits (on its own
+    // thread) rather than failing a group of messages.
+    conn.busy_timeout(Duration::from_secs(60))?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         tracing::warn!(mode, "Journal is not in WAL mode.");

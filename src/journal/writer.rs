@@ -443,7 +443,12 @@ impl Writer {
     ) -> Result<(), (JournalError, Vec<Command>)> {
         let now = now_ms();
         let mut commands = commands;
-        let tx = match self.conn.transaction() {
+        // IMMEDIATE: take the write lock up front (waiting in the busy handler while a
+        // checkpoint holds it), so no statement in the group can fail on a lock upgrade.
+        let tx = match self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        {
             Ok(tx) => tx,
             Err(e) => return Err((e.into(), commands.collect())),
         };

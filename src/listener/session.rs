@@ -271,10 +271,24 @@ impl Connection {
             }
             Close::TakenOver(_) => tracing::info!("Session taken over by a new connection."),
             Close::Dropped(why) => tracing::debug!(reason = %why, "Agent connection dropped."),
+            Close::Refused(DisconnectReason::QuotaExceeded, why) => {
+                // The journal logs "full" at a bounded rate; a line per agent would flood.
+                metrics::counter!(telemetry::DISCONNECTS, "reason" => "QuotaExceeded").increment(1);
+                tracing::debug!(why = %why, "Disconnected agent: journal full.");
+            }
             Close::Refused(reason, why) => {
+                static LOG: telemetry::Throttle = telemetry::Throttle::new(1_000);
                 metrics::counter!(telemetry::DISCONNECTS, "reason" => format!("{reason:?}"))
                     .increment(1);
-                tracing::warn!(%peer, ?reason, why = %why, "Disconnected agent for a protocol violation.");
+                if let Some(held_back) = LOG.ready() {
+                    tracing::warn!(
+                        %peer,
+                        ?reason,
+                        why = %why,
+                        similar_not_logged = held_back,
+                        "Disconnected an agent."
+                    );
+                }
             }
         }
         if let Close::TakenOver(handover) = close {
