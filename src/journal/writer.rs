@@ -21,11 +21,14 @@ const FULL_LOG_EVERY: Duration = Duration::from_secs(10);
 /// QoS 0 records evicted per step when the journal is full.
 const EVICT_STEP: i64 = 256;
 
-/// WAL size past which the checkpoint thread truncates it (holding the writer briefly).
-const WAL_TRUNCATE_AT: u64 = 128 * 1024 * 1024;
+/// WAL size past which the checkpoint thread truncates it (holding the writer briefly). Only a
+/// backstop: the WAL normally restarts on its own (see `checkpoint_loop`).
+const WAL_TRUNCATE_AT: u64 = 256 * 1024 * 1024;
 
-/// How often the checkpoint thread folds the WAL into the database.
+/// How often the checkpoint thread folds the WAL into the database while it keeps up...
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// ...and how soon it goes again while it is behind the writer.
+const CHECKPOINT_CATCH_UP: Duration = Duration::from_millis(5);
 
 /// Joins the writer and checkpoint threads; dropping every `Journal` handle lets them finish.
 pub struct WriterGuard {
@@ -48,11 +51,14 @@ impl WriterGuard {
     }
 }
 
-/// Runs PASSIVE checkpoints until told to stop. Under sustained writes a passive checkpoint
-/// never lets the WAL restart, so past `WAL_TRUNCATE_AT` a TRUNCATE checkpoint briefly holds the
-/// writer (it waits in its busy handler, on its own thread) and resets the file. A failure is
-/// logged and retried next round: the WAL keeps every committed frame until a checkpoint
-/// succeeds, so nothing is at risk.
+/// Runs PASSIVE checkpoints until told to stop. A PASSIVE checkpoint never blocks the writer,
+/// and once it has copied every frame the writer's next commit restarts the WAL from its
+/// start (truncated to `journal_size_limit`). Under sustained writes that needs the checkpoint
+/// to catch up between two commits, so while it is behind it goes again at once, in small
+/// steps. Should readers keep the WAL pinned anyway, past `WAL_TRUNCATE_AT` a TRUNCATE
+/// checkpoint holds the writer (it waits in its busy handler, on its own thread) and resets the
+/// file. A failure is logged and retried: the WAL keeps every committed frame until a
+/// checkpoint succeeds, so nothing is at risk.
 fn checkpoint_loop(
     conn: Connection,
     wal: std::path::PathBuf,
@@ -60,17 +66,27 @@ fn checkpoint_loop(
     stop: Arc<AtomicBool>,
 ) {
     let mut backlog = BacklogReport::default();
+    let mut pause = CHECKPOINT_EVERY;
     while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(CHECKPOINT_EVERY);
+        std::thread::sleep(pause);
         let wal_bytes = std::fs::metadata(&wal).map_or(0, |m| m.len());
         let mode = if wal_bytes > WAL_TRUNCATE_AT {
             "TRUNCATE"
         } else {
             "PASSIVE"
         };
-        if let Err(e) = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(())) {
-            tracing::warn!(error = %e, mode, "Journal checkpoint failed; will retry.");
-        }
+        // Returns (busy, frames in the WAL, frames checkpointed).
+        let progress = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| {
+            Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
+        });
+        pause = match progress {
+            Ok((frames, done)) if done < frames => CHECKPOINT_CATCH_UP,
+            Ok(_) => CHECKPOINT_EVERY,
+            Err(e) => {
+                tracing::warn!(error = %e, mode, "Journal checkpoint failed; will retry.");
+                CHECKPOINT_EVERY
+            }
+        };
         backlog.tick(&conn, &stats);
     }
 }
