@@ -64,6 +64,8 @@ pub struct Batcher {
     unreleased: Vec<u64>,
     /// Observed payload-bytes/batch-bytes ratio, to guess when the buffer could fill a batch.
     ratio: f64,
+    /// The last batch's record-stream bytes per payload byte: where `pack` starts guessing.
+    raw_ratio: Option<f64>,
     /// Do not try packing again before the buffer holds this many raw bytes.
     next_pack_at_raw: usize,
 }
@@ -86,6 +88,7 @@ impl Batcher {
             inflight: 0,
             unreleased: Vec::new(),
             ratio: 1.0,
+            raw_ratio: None,
             next_pack_at_raw: 0,
         }
     }
@@ -270,10 +273,12 @@ impl Batcher {
             created_at: now_ms(),
         };
         let max_bytes = self.max_bytes;
-        let packed =
-            tokio::task::spawn_blocking(move || envelope::pack(&id, &candidates, max_bytes))
-                .await
-                .map_err(|_| JournalError::Closed)?;
+        let hint = self.raw_ratio;
+        let packed = tokio::task::spawn_blocking(move || {
+            envelope::pack_with_hint(&id, &candidates, max_bytes, hint)
+        })
+        .await
+        .map_err(|_| JournalError::Closed)?;
 
         let Some(packed) = packed else {
             // Not even the first record fits: only possible if maxBytes shrank since it was
@@ -301,6 +306,7 @@ impl Batcher {
             .map(|r| r.record.payload.len())
             .sum();
         self.ratio = (payload_bytes as f64 / size as f64).max(0.01);
+        self.raw_ratio = Some(raw / size as f64);
         let took_all = packed.count == self.buffer.len();
         let due = draining
             || self.flush_deadline().is_some_and(|at| at <= Instant::now())

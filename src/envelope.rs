@@ -182,7 +182,20 @@ impl Budget {
 
     /// Whether a record alone is sure to fit in a batch, whatever its content.
     pub fn fits_alone(&self, rec: &JournaledRecord) -> bool {
-        compress_bound(self.codec, encoded_len(rec)) <= self.body_bytes
+        // Cheap first: a bound on the encoded size (JSON escapes at most 6 bytes per input
+        // byte, plus the fixed keys and numbers); only a near miss pays for the exact encoding.
+        let r = &rec.record;
+        let text = r.client_id.len()
+            + r.topic.len()
+            + r.properties.content_type.as_ref().map_or(0, String::len)
+            + r.properties
+                .user_properties
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 6)
+                .sum::<usize>();
+        let bound = 8 + r.payload.len() + 6 * text + 256;
+        compress_bound(self.codec, bound) <= self.body_bytes
+            || compress_bound(self.codec, encoded_len(rec)) <= self.body_bytes
     }
 }
 
@@ -261,6 +274,18 @@ fn assemble(id: &BatchIdentity, records: &[JournaledRecord], raw: &[u8]) -> Pack
 /// narrowing like a bisection, so the result is the longest fitting prefix found in at most a
 /// dozen compressions.
 pub fn pack(id: &BatchIdentity, records: &[JournaledRecord], max_bytes: usize) -> Option<Packed> {
+    pack_with_hint(id, records, max_bytes, None)
+}
+
+/// `pack`, starting from the prefix a known compression ratio (uncompressed record-stream bytes
+/// per payload byte, e.g. the last batch's) predicts will fill the budget: with a good hint one
+/// or two compressions suffice instead of compressing the whole buffer first.
+pub fn pack_with_hint(
+    id: &BatchIdentity,
+    records: &[JournaledRecord],
+    max_bytes: usize,
+    ratio_hint: Option<f64>,
+) -> Option<Packed> {
     if records.is_empty() {
         return None;
     }
@@ -279,7 +304,14 @@ pub fn pack(id: &BatchIdentity, records: &[JournaledRecord], max_bytes: usize) -
     }
     let mut best: Option<Packed> = None;
     let (mut lo, mut hi) = (0usize, records.len() + 1); // lo fits (0 trivially), hi does not.
-    let mut n = records.len();
+    let mut n = match ratio_hint {
+        Some(ratio) if ratio > 0.0 => {
+            let target_raw = (max_bytes as f64 * ratio * 0.97) as usize;
+            ends.partition_point(|&end| end <= target_raw)
+                .clamp(1, records.len())
+        }
+        _ => records.len(),
+    };
     for _ in 0..12 {
         let packed = try_prefix(n);
         let size = packed.payload.len();
