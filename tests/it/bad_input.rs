@@ -16,7 +16,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
-use crate::support::{BackgroundAgent, Gateway, OUTBOX_TIMEOUT, payload_bytes, split_packet};
+use crate::support::{
+    BackgroundAgent, Gateway, OUTBOX_TIMEOUT, mqtt_packet, mqtt_string, payload_bytes, split_packet,
+};
 
 /// How long a bad connection may stay open before we call it "not disconnected".
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(6);
@@ -24,45 +26,17 @@ const MAX_PACKET: usize = 4096;
 
 // ---------------------------------------------------------------- packet building
 
-fn varint(mut n: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            return out;
-        }
-    }
-}
-
-fn string(s: &[u8]) -> Vec<u8> {
-    let mut out = (s.len() as u16).to_be_bytes().to_vec();
-    out.extend_from_slice(s);
-    out
-}
-
-fn packet(first_byte: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first_byte];
-    out.extend(varint(body.len()));
-    out.extend_from_slice(body);
-    out
-}
-
 /// CONNECT with explicit protocol name/level; `v5_props` adds the (empty) property length.
 fn connect_raw(name: &[u8], level: u8, clean: bool, client_id: &[u8], v5_props: bool) -> Vec<u8> {
-    let mut body = string(name);
+    let mut body = mqtt_string(name);
     body.push(level);
     body.push(if clean { 0x02 } else { 0x00 });
     body.extend_from_slice(&60u16.to_be_bytes());
     if v5_props {
         body.push(0);
     }
-    body.extend(string(client_id));
-    packet(0x10, &body)
+    body.extend(mqtt_string(client_id));
+    mqtt_packet(0x10, &body)
 }
 
 fn connect(v: u8, client_id: &str) -> Vec<u8> {
@@ -71,7 +45,7 @@ fn connect(v: u8, client_id: &str) -> Vec<u8> {
 
 /// PUBLISH with raw topic bytes (so invalid UTF-8 and wildcards can be sent).
 fn publish(v: u8, topic: &[u8], qos: u8, pkid: u16, payload: &[u8]) -> Vec<u8> {
-    let mut body = string(topic);
+    let mut body = mqtt_string(topic);
     if qos > 0 {
         body.extend_from_slice(&pkid.to_be_bytes());
     }
@@ -79,7 +53,7 @@ fn publish(v: u8, topic: &[u8], qos: u8, pkid: u16, payload: &[u8]) -> Vec<u8> {
         body.push(0);
     }
     body.extend_from_slice(payload);
-    packet(0x30 | (qos << 1), &body)
+    mqtt_packet(0x30 | (qos << 1), &body)
 }
 
 // ---------------------------------------------------------------- raw connection
@@ -468,7 +442,7 @@ fn shared_cases(v: u8, expect: impl Fn(&'static [u8]) -> Expect) -> Vec<Case> {
         case(
             "malformed: topic length beyond packet",
             Some("acked before malformed publish"),
-            packet(0x32, b"\x00\x40agents/x\x00\x01bad: short"),
+            mqtt_packet(0x32, b"\x00\x40agents/x\x00\x01bad: short"),
             expect(&[0x81]),
         ),
         case(
@@ -642,7 +616,7 @@ async fn connack_refusals() {
             let r = connack_exchange(port, &bytes)
                 .await
                 .and_then(|(got, closed)| {
-                    let first = got.first().map(|(f, b)| packet(*f, b));
+                    let first = got.first().map(|(f, b)| mqtt_packet(*f, b));
                     if first.as_ref().is_none_or(|p| !ok.contains(p)) {
                         return Err(format!(
                             "expected CONNACK {}, received {} (closed: {closed})",
