@@ -18,7 +18,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 # The Debian package may start a broker on 1883; the tests start their own on free ports.
-python3 -c 'import paho.mqtt' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check 'paho-mqtt>=2,<3'
+if ! python3 -c 'import paho.mqtt' 2>/dev/null; then
+  # A Debian-managed Python refuses plain pip installs (PEP 668); the flag is then needed.
+  python3 -m pip install --quiet --disable-pip-version-check 'paho-mqtt>=2,<3' ||
+    python3 -m pip install --quiet --disable-pip-version-check --break-system-packages 'paho-mqtt>=2,<3'
+fi
 
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
