@@ -156,9 +156,4 @@ impl Registry {
             mpsc::error::TrySendError::Closed(_) => DeliverError::Offline,
         })
     }
-
-    /// How many agents are connected now.
-    pub fn connected(&self) -> usize {
-        self.lock().live.len()
-    }
 }
