@@ -112,3 +112,6 @@ impl Listener {
         while sessions.join_next().await.is_some() {}
     }
 }
+
+#[cfg(test)]
+mod tests;
