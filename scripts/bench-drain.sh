@@ -39,30 +39,9 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-metric() { curl -s "http://127.0.0.1:$ADMIN/metrics" | awk -v m="$1" '$1==m {print $2}'; }
-
-# Certificates: X.509 v3 (rustls refuses v1). Keys world-readable: mosquitto drops to its own user.
-cat > "$TMP/ext.cnf" <<'CNF'
-[srv]
-subjectAltName=DNS:localhost,IP:127.0.0.1
-basicConstraints=CA:FALSE
-extendedKeyUsage=serverAuth
-[cli]
-basicConstraints=CA:FALSE
-extendedKeyUsage=clientAuth
-CNF
-(
-    cd "$TMP"
-    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj "/CN=bench CA"
-    for who in server client; do
-        openssl req -newkey rsa:2048 -nodes -keyout $who.key -out $who.csr -subj "/CN=$who"
-        ext=srv; [[ $who == client ]] && ext=cli
-        openssl x509 -req -in $who.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out $who.pem \
-            -days 2 -extfile ext.cnf -extensions $ext
-    done
-    chmod 644 ./*.key
-) >/dev/null 2>&1
+# shellcheck source=scripts/bench-lib.sh
+source "$ROOT/scripts/bench-lib.sh"
+make_certs "$TMP"
 
 BROKER=$(free_port); AGENT_PORT=$(free_port); ADMIN=$(free_port)
 cat > "$TMP/mosquitto.conf" <<CONF

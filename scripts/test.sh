@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Sets up what the tests need on a fresh Debian machine (as root), then runs every check:
-# formatting, lints, unit tests and the integration tests against real peers.
+# The test command (README.md): sets up what the tests need on a fresh Debian machine (as root
+# for apt), then runs every check: formatting, lints, unit tests and the integration tests
+# against real peers. Python packages go into a virtual environment (target/test-venv), never
+# into the system Python; the tests find it through GATEHOUSE_PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-command -v mosquitto >/dev/null 2>&1 || need_apt+=(mosquitto)
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "scripts/test.sh: please install: ${need_apt[*]} (needs root)" >&2
@@ -18,11 +21,13 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 # The Debian package may start a broker on 1883; the tests start their own on free ports.
-if ! python3 -c 'import paho.mqtt' 2>/dev/null; then
-  # A Debian-managed Python refuses plain pip installs (PEP 668); the flag is then needed.
-  python3 -m pip install --quiet --disable-pip-version-check 'paho-mqtt>=2,<3' ||
-    python3 -m pip install --quiet --disable-pip-version-check --break-system-packages 'paho-mqtt>=2,<3'
+
+VENV=target/test-venv
+if ! "$VENV/bin/python" -c 'import paho.mqtt' 2>/dev/null; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check 'paho-mqtt>=2,<3'
 fi
+export GATEHOUSE_PYTHON="$PWD/$VENV/bin/python"
 
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings

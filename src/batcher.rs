@@ -7,8 +7,16 @@
 //!   `batch_seq` and bytes are the same on every retry, across restarts.
 //! - A batch is flushed when it is full (`maxBytes` after compression, or `maxMessages`), or when
 //!   its oldest record has waited `maxDelayMs`. A backlog therefore drains in full batches.
+//! - No payload exceeds `batch.maxBytes` nor the sink's payload limit (`Sink::max_payload`).
+//! - At start-up every unconfirmed batch, whichever sink sealed it, is handed to the current
+//!   sink (one log line says how many came from another kind): as it is when it fits the
+//!   sink's payload limit, else re-batched (`Journal::reseal`). Nothing is left behind.
+//! - A batch the sink dead-letters has its records moved to `dead_letter` with the reason.
 //! - At most `Sink::max_inflight` batches are unconfirmed; the batcher stops reading beyond that.
+//!   Stored batches are read a window at a time, never all at once.
 //! - Memory is bounded: at most `RAW_CAP_FACTOR * maxBytes` of records are buffered.
+//! - A batch that cannot be handed to the sink (the sink stopped) ends the batcher with
+//!   `BatcherError::SinkStopped`; the batch stays sealed in the journal for the next start.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -18,11 +26,22 @@ use tokio::time::Instant;
 
 use crate::config::BatchConfig;
 use crate::envelope::{self, BatchIdentity, Codec};
-use crate::journal::{Journal, JournalError, JournalReader, SealedBatch};
+use crate::journal::{Journal, JournalError, JournalReader, SealedBatch, StoredBatch};
 use crate::record::{JournaledRecord, now_ms};
 use crate::shutdown::Shutdown;
-use crate::sink::{Batch, Confirmation};
+use crate::sink::{Batch, Confirmation, Outcome};
 use crate::telemetry;
+
+/// Why the batcher stopped before shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum BatcherError {
+    /// The journal could not be read at start.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// The sink's channel closed while the gateway was running: nothing more can be delivered.
+    #[error("the upstream sink stopped; batch {0} stays in the journal for the next start")]
+    SinkStopped(u64),
+}
 
 /// Raw (uncompressed) bytes buffered at most, as a multiple of `maxBytes`: compression rarely
 /// beats 32x, so a full batch is always within reach.
@@ -40,6 +59,8 @@ pub struct Settings {
     pub batch: BatchConfig,
     pub sink_name: &'static str,
     pub max_inflight: usize,
+    /// The sink's payload limit (`Sink::max_payload`).
+    pub max_payload: usize,
     /// After shutdown begins: how long to wait for the sink to confirm what it holds.
     pub drain_grace: Duration,
 }
@@ -57,11 +78,15 @@ pub struct Batcher {
     /// Highest seq fetched into `buffer` (or sealed).
     fetched_through: u64,
     next_batch_seq: u64,
-    /// Unconfirmed batches recovered at start-up, waiting for room in the window.
-    resend: VecDeque<Batch>,
+    /// Unconfirmed batches recovered at start-up, a window at a time, waiting for room.
+    resend: VecDeque<StoredBatch>,
+    /// Stored batches with a seq above this and below `stored_until` are still to be read.
+    stored_after: u64,
+    /// The first batch seq sealed by this run: stored batches are the ones before it.
+    stored_until: u64,
     inflight: usize,
-    /// Confirmations whose journal release failed, retried.
-    unreleased: Vec<u64>,
+    /// Confirmations whose journal update failed, retried.
+    unreleased: Vec<Confirmation>,
     /// Observed payload-bytes/batch-bytes ratio, to guess when the buffer could fill a batch.
     ratio: f64,
     /// The last batch's record-stream bytes per payload byte: where `pack` starts guessing.
@@ -72,7 +97,7 @@ pub struct Batcher {
 
 impl Batcher {
     pub fn new(journal: Journal, reader: JournalReader, settings: Settings) -> Self {
-        let max_bytes = settings.batch.max_bytes.get() as usize;
+        let max_bytes = (settings.batch.max_bytes.get() as usize).min(settings.max_payload);
         Self {
             journal,
             reader,
@@ -85,6 +110,8 @@ impl Batcher {
             fetched_through: 0,
             next_batch_seq: 1,
             resend: VecDeque::new(),
+            stored_after: 0,
+            stored_until: 0,
             inflight: 0,
             unreleased: Vec::new(),
             ratio: 1.0,
@@ -94,35 +121,19 @@ impl Batcher {
     }
 
     /// Runs until `shutdown` fires and what was committed by then is batched and confirmed (or
-    /// the drain grace runs out). Returns an error only if the journal cannot be read at start.
+    /// the drain grace runs out). Fails if the journal cannot be read at start, or the sink
+    /// stops taking batches.
     pub async fn run(
         mut self,
         batches: mpsc::Sender<Batch>,
-        mut confirmations: mpsc::UnboundedReceiver<Confirmation>,
+        mut confirmations: mpsc::Receiver<Confirmation>,
         mut shutdown: Shutdown,
-    ) -> Result<(), JournalError> {
+    ) -> Result<(), BatcherError> {
         let state = self.reader.batcher_state().await?;
         self.next_batch_seq = state.next_batch_seq;
+        self.stored_until = state.next_batch_seq;
         self.fetched_through = state.batched_through;
-        for stored in self
-            .reader
-            .unconfirmed_batches(self.settings.sink_name)
-            .await?
-        {
-            self.resend.push_back(Batch {
-                batch_seq: stored.batch_seq,
-                record_count: stored.record_count,
-                first_seq: stored.first_seq,
-                last_seq: stored.last_seq,
-                payload: stored.payload,
-            });
-        }
-        if !self.resend.is_empty() {
-            tracing::info!(
-                batches = self.resend.len(),
-                "Resending batches left unconfirmed before the restart."
-            );
-        }
+        self.adopt_stored_batches().await?;
         let mut committed = self.journal.committed();
         let mut drain_deadline: Option<Instant> = None;
 
@@ -143,20 +154,26 @@ impl Batcher {
                 continue;
             }
 
-            // 2. Hand over what the window allows.
-            while self.inflight < self.settings.max_inflight
-                && let Some(batch) = self.resend.pop_front()
-            {
-                self.hand_over(&batches, batch).await;
+            // 2. Hand over what the window allows: stored batches first.
+            while self.inflight < self.settings.max_inflight && self.stored_pending() {
+                match self.next_stored().await {
+                    Ok(Some(batch)) => self.hand_over(&batches, batch).await?,
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "Failed to read stored batches; retrying.");
+                        tokio::time::sleep(RETRY_AFTER).await;
+                        break;
+                    }
+                }
             }
             let draining = drain_deadline.is_some();
             if self.inflight < self.settings.max_inflight
-                && self.resend.is_empty()
+                && !self.stored_pending()
                 && !self.buffer.is_empty()
                 && self.should_flush(draining)
             {
                 match self.seal_one(draining).await {
-                    Ok(Some(batch)) => self.hand_over(&batches, batch).await,
+                    Ok(Some(batch)) => self.hand_over(&batches, batch).await?,
                     Ok(None) => {}
                     Err(e) => {
                         tracing::error!(error = %e, "Failed to seal a batch; retrying.");
@@ -170,7 +187,7 @@ impl Batcher {
             //    (unsealed records, unconfirmed batches) stays in the journal for the next start.
             if let Some(deadline) = drain_deadline {
                 let all_batched = self.buffer.is_empty()
-                    && self.resend.is_empty()
+                    && !self.stored_pending()
                     && self.fetched_through >= committed_now;
                 if all_batched && self.inflight == 0 {
                     return Ok(());
@@ -178,6 +195,7 @@ impl Batcher {
                 if Instant::now() >= deadline {
                     tracing::warn!(
                         unconfirmed_batches = self.inflight + self.resend.len(),
+                        stored_batches_not_yet_sent = self.stored_pending(),
                         unbatched_records = committed_now.saturating_sub(self.fetched_through)
                             + self.buffer.len() as u64,
                         "Upstream did not take everything before shutdown; it stays in the journal and is sent at the next start."
@@ -192,7 +210,7 @@ impl Batcher {
                 drain_deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 Some(confirmation) = confirmations.recv() => {
-                    self.confirmed(confirmation.batch_seq).await;
+                    self.settled(confirmation).await;
                 }
                 changed = committed.changed() => {
                     if changed.is_err() && drain_deadline.is_none() {
@@ -291,7 +309,6 @@ impl Batcher {
             );
             tracing::error!(seq = rec.seq, client_id = %rec.record.client_id, %reason, "Moving record to dead_letter.");
             self.journal.dead_letter(rec.seq, reason).await?;
-            metrics::counter!(telemetry::DEAD_LETTERED).increment(1);
             return Ok(None);
         };
 
@@ -351,28 +368,63 @@ impl Batcher {
             batch_seq = batch.batch_seq,
             records = batch.record_count,
             bytes = size,
-            ratio = raw / size as f64,
+            ratio = format!("{:.2}", raw / size as f64),
             "Sealed batch."
         );
         Ok(Some(batch))
     }
 
-    async fn hand_over(&mut self, batches: &mpsc::Sender<Batch>, batch: Batch) {
+    async fn hand_over(
+        &mut self,
+        batches: &mpsc::Sender<Batch>,
+        batch: Batch,
+    ) -> Result<(), BatcherError> {
         // The channel holds max_inflight, and we never exceed it, so this does not wait.
-        if batches.send(batch).await.is_ok() {
-            self.inflight += 1;
-            metrics::gauge!(telemetry::SINK_INFLIGHT).set(self.inflight as f64);
+        let batch_seq = batch.batch_seq;
+        batches
+            .send(batch)
+            .await
+            .map_err(|_| BatcherError::SinkStopped(batch_seq))?;
+        self.inflight += 1;
+        metrics::gauge!(telemetry::SINK_INFLIGHT).set(self.inflight as f64);
+        Ok(())
+    }
+
+    /// The sink settled a batch: release its rows, or move them to `dead_letter`.
+    async fn settled(&mut self, confirmation: Confirmation) {
+        self.inflight = self.inflight.saturating_sub(1);
+        metrics::gauge!(telemetry::SINK_INFLIGHT).set(self.inflight as f64);
+        if let Err(e) = self.apply_settlement(&confirmation).await {
+            tracing::error!(error = %e, batch_seq = confirmation.batch_seq, "Failed to record a settled batch in the journal; retrying.");
+            self.unreleased.push(confirmation);
         }
     }
 
-    async fn confirmed(&mut self, batch_seq: u64) {
-        self.inflight = self.inflight.saturating_sub(1);
-        metrics::gauge!(telemetry::SINK_INFLIGHT).set(self.inflight as f64);
-        metrics::counter!(telemetry::BATCHES_CONFIRMED).increment(1);
-        if let Err(e) = self.journal.confirm(batch_seq).await {
-            tracing::error!(error = %e, batch_seq, "Failed to release a confirmed batch; retrying.");
-            self.unreleased.push(batch_seq);
+    async fn apply_settlement(&self, confirmation: &Confirmation) -> Result<(), JournalError> {
+        let batch_seq = confirmation.batch_seq;
+        match &confirmation.outcome {
+            Outcome::Delivered => {
+                self.journal.confirm(batch_seq).await?;
+                metrics::counter!(telemetry::BATCHES_CONFIRMED).increment(1);
+                telemetry::PROGRESS
+                    .batches_delivered
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Outcome::DeadLettered(reason) => {
+                let released = self
+                    .journal
+                    .dead_letter_batch(batch_seq, reason.clone())
+                    .await?;
+                metrics::counter!(telemetry::BATCHES_DEAD_LETTERED).increment(1);
+                tracing::error!(
+                    batch_seq,
+                    records = released.rows,
+                    reason = %reason,
+                    "Moved an undeliverable batch's records to dead_letter; `gatehouse dead-letter list` shows them, `retry` resends them."
+                );
+            }
         }
+        Ok(())
     }
 
     async fn retry_releases(&mut self) {
@@ -381,11 +433,162 @@ impl Batcher {
         }
         tokio::time::sleep(RETRY_AFTER).await;
         let pending = std::mem::take(&mut self.unreleased);
-        for batch_seq in pending {
-            if self.journal.confirm(batch_seq).await.is_err() {
-                self.unreleased.push(batch_seq);
+        for confirmation in pending {
+            if self.apply_settlement(&confirmation).await.is_err() {
+                self.unreleased.push(confirmation);
             }
         }
+    }
+
+    /// Hands every unconfirmed batch to the current sink, and says so once.
+    async fn adopt_stored_batches(&mut self) -> Result<(), JournalError> {
+        let sink = self.settings.sink_name;
+        let adoption = self.journal.adopt(sink, self.max_bytes as u64).await?;
+        if adoption.records > 0 || adoption.batches > 0 {
+            tracing::info!(
+                "Resuming {} records and {} unconfirmed batches from the journal.",
+                adoption.records,
+                adoption.batches
+            );
+        }
+        let from_others: u64 = adoption.from_other_sinks.iter().map(|(_, n)| n).sum();
+        if from_others > 0 {
+            metrics::counter!(telemetry::BATCHES_ADOPTED).increment(from_others);
+            let sources = adoption
+                .from_other_sinks
+                .iter()
+                .map(|(name, n)| format!("{n} from the {name} upstream"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            tracing::info!(
+                "Handing {from_others} unconfirmed batches sealed for another upstream ({sources}) to the {sink} upstream; {} of all stored batches are larger than its {} byte payload limit and will be re-batched.",
+                adoption.oversized,
+                self.max_bytes
+            );
+        } else if adoption.oversized > 0 {
+            tracing::info!(
+                "{} stored batches are larger than the {sink} upstream's {} byte payload limit and will be re-batched.",
+                adoption.oversized,
+                self.max_bytes
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether stored batches remain to be handed over.
+    fn stored_pending(&self) -> bool {
+        !self.resend.is_empty() || self.stored_after + 1 < self.stored_until
+    }
+
+    /// The next stored batch to hand over, re-batched first when it is larger than the sink
+    /// takes. `None` when there was nothing (more) to read, or the batch turned out to be empty.
+    async fn next_stored(&mut self) -> Result<Option<Batch>, JournalError> {
+        if self.resend.is_empty() {
+            let page = self
+                .reader
+                .unconfirmed_batches(
+                    self.stored_after,
+                    self.stored_until,
+                    self.settings.max_inflight,
+                )
+                .await?;
+            match page.last() {
+                Some(last) => self.stored_after = last.batch_seq,
+                None => self.stored_after = self.stored_until,
+            }
+            self.resend.extend(page);
+        }
+        let Some(stored) = self.resend.pop_front() else {
+            return Ok(None);
+        };
+        if stored.payload.len() <= self.max_bytes {
+            return Ok(Some(Batch {
+                batch_seq: stored.batch_seq,
+                record_count: stored.record_count,
+                first_seq: stored.first_seq,
+                last_seq: stored.last_seq,
+                payload: stored.payload,
+            }));
+        }
+        let mut rebatched = self.rebatch(&stored).await?;
+        if rebatched.is_empty() {
+            return Ok(None);
+        }
+        let first = rebatched.remove(0);
+        for (i, batch) in rebatched.into_iter().enumerate() {
+            self.resend.insert(i, batch);
+        }
+        Ok(Some(Batch {
+            batch_seq: first.batch_seq,
+            record_count: first.record_count,
+            first_seq: first.first_seq,
+            last_seq: first.last_seq,
+            payload: first.payload,
+        }))
+    }
+
+    /// Packs a stored batch's records into batches that fit `max_bytes`, and replaces it by
+    /// them in the journal. A record that fits no batch is dead-lettered.
+    async fn rebatch(&mut self, old: &StoredBatch) -> Result<Vec<StoredBatch>, JournalError> {
+        let mut records = self
+            .reader
+            .records_between(old.first_seq, old.last_seq)
+            .await?;
+        let mut sealed = Vec::new();
+        let mut next_seq = self.next_batch_seq;
+        while !records.is_empty() {
+            let id = BatchIdentity {
+                gateway: self.settings.gateway.clone(),
+                batch_seq: next_seq,
+                codec: self.codec,
+                created_at: now_ms(),
+            };
+            let max_bytes = self.max_bytes;
+            let candidates = records.clone();
+            let packed =
+                tokio::task::spawn_blocking(move || envelope::pack(&id, &candidates, max_bytes))
+                    .await
+                    .map_err(|_| JournalError::Closed)?;
+            let Some(packed) = packed else {
+                let rec = records.remove(0);
+                let reason = format!(
+                    "record does not fit in the {} upstream's payload limit of {} bytes",
+                    self.settings.sink_name, self.max_bytes
+                );
+                tracing::error!(seq = rec.seq, client_id = %rec.record.client_id, %reason, "Moving record to dead_letter.");
+                self.journal.dead_letter(rec.seq, reason).await?;
+                continue;
+            };
+            records.drain(..packed.count);
+            next_seq += 1;
+            sealed.push(SealedBatch {
+                batch_seq: packed.header.batch_seq,
+                sink: self.settings.sink_name.to_string(),
+                first_seq: packed.header.first_seq,
+                last_seq: packed.header.last_seq,
+                record_count: packed.header.count,
+                created_at: packed.header.created_at,
+                payload: packed.payload,
+            });
+        }
+        self.journal.reseal(old.batch_seq, sealed.clone()).await?;
+        self.next_batch_seq = next_seq;
+        tracing::info!(
+            old_batch_seq = old.batch_seq,
+            old_bytes = old.payload.len(),
+            new_batches = sealed.len(),
+            "Re-batched a stored batch to fit the upstream's payload limit."
+        );
+        Ok(sealed
+            .into_iter()
+            .map(|b| StoredBatch {
+                batch_seq: b.batch_seq,
+                first_seq: b.first_seq,
+                last_seq: b.last_seq,
+                record_count: b.record_count,
+                payload: b.payload,
+            })
+            .collect())
     }
 }
 

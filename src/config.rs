@@ -55,6 +55,9 @@ pub struct Config {
     /// else the host name.
     #[serde(default = "default_thing_name")]
     pub thing_name: String,
+    /// Where `thing_name` came from, for the start-up log.
+    #[serde(skip)]
+    pub thing_name_source: ThingNameSource,
     /// Where agents connect. Default: one plain-TCP listener on 127.0.0.1:1883.
     #[serde(default = "default_listeners")]
     pub listeners: Vec<ListenerConfig>,
@@ -66,6 +69,9 @@ pub struct Config {
     /// inside it still name the full key path.
     #[serde(skip)]
     pub upstream: UpstreamConfig,
+    /// Stands for `upstream` here, so that serde's list of valid top-level keys includes it.
+    #[serde(default, rename = "upstream")]
+    _upstream: Option<serde::de::IgnoredAny>,
     /// `error`, `warn`, `info` (default), `debug`, `trace`, or any `tracing` filter directive.
     /// `RUST_LOG`, when set, wins.
     #[serde(default = "default_log_level")]
@@ -73,6 +79,57 @@ pub struct Config {
     /// The optional local admin listener serving Prometheus metrics at `/metrics`.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
+    /// Agents' persistent MQTT sessions kept while they are disconnected.
+    #[serde(default)]
+    pub sessions: SessionsConfig,
+}
+
+/// Where the thing name came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ThingNameSource {
+    /// The `thingName` key.
+    #[default]
+    Config,
+    /// The `AWS_IOT_THING_NAME` environment variable (set by Greengrass).
+    Environment,
+    /// The host name: neither was set.
+    HostName,
+}
+
+impl fmt::Display for ThingNameSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Config => "from thingName in the configuration",
+            Self::Environment => "from the AWS_IOT_THING_NAME environment variable",
+            Self::HostName => {
+                "from the host name, as neither thingName nor AWS_IOT_THING_NAME is set"
+            }
+        })
+    }
+}
+
+/// Persistent sessions of disconnected agents (MQTT 3.1.1 clean session 0, MQTT 5 with a
+/// Session Expiry Interval): bounded in number and in time.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SessionsConfig {
+    /// Sessions kept at most; past it the longest-disconnected one is discarded (counted).
+    /// Default 100000.
+    #[serde(default = "default_max_stored_sessions")]
+    pub max_stored: Bounded<1, 10_000_000>,
+    /// How long a 3.1.1 persistent session outlives its connection, and the most an MQTT 5
+    /// agent's Session Expiry Interval is granted. Default 604800 (7 days).
+    #[serde(default = "default_session_expiry_secs")]
+    pub expiry_secs: Bounded<1, 31_536_000>,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        Self {
+            max_stored: default_max_stored_sessions(),
+            expiry_secs: default_session_expiry_secs(),
+        }
+    }
 }
 
 /// One agent listener (plain MQTT over TCP).
@@ -92,6 +149,11 @@ pub struct ListenerConfig {
     /// How long a new connection may take to send CONNECT. Default 10 s.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: Bounded<100, 600_000>,
+    /// How long a write to an agent (acknowledgements, deliveries) may wait on an agent that
+    /// does not read its socket; past it the agent is disconnected (what it sent and did not get
+    /// acknowledged, it sends again). Default 10000.
+    #[serde(default = "default_write_timeout_ms")]
+    pub write_timeout_ms: Bounded<100, 600_000>,
 }
 
 /// How fsync-heavy the journal is; the window of data a power loss may take.
@@ -115,6 +177,18 @@ impl Synchronous {
     }
 }
 
+/// Which messages the journal drops as duplicates (`journal.dedup`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DedupMode {
+    /// A message is dropped when the same agent published the same topic and payload within
+    /// `dedupWindowSecs` and that earlier copy is journaled or was delivered. The same event
+    /// from two agents is always two records.
+    Agent,
+    /// Nothing is dropped as a duplicate.
+    Off,
+}
+
 /// The durable journal (SQLite, WAL mode).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -126,8 +200,12 @@ pub struct JournalConfig {
     /// in WAL mode: survives a process crash, but the last commits may be lost on power loss.
     #[serde(default = "default_synchronous")]
     pub synchronous: Synchronous,
-    /// A message whose topic+payload was seen within this many seconds is acknowledged but not
-    /// journaled again. 0 disables dedup. Default 600.
+    /// `agent` (default): a message the same agent published with the same topic and payload
+    /// within `dedupWindowSecs` is acknowledged but not journaled again (when the earlier copy is
+    /// journaled or was delivered). `off`: nothing is dropped as a duplicate.
+    #[serde(default = "default_dedup_mode")]
+    pub dedup: DedupMode,
+    /// The dedup window in seconds. 0 disables dedup. Default 600.
     #[serde(default = "default_dedup_window_secs")]
     pub dedup_window_secs: Bounded<0, 604_800>,
     /// Dedup keys held at most (about 40 bytes of memory each). Past it the oldest keys are
@@ -219,7 +297,9 @@ pub struct MqttUpstream {
     pub cert_file: PathBuf,
     /// The device private key (PEM: PKCS#8, PKCS#1 or SEC1).
     pub key_file: PathBuf,
-    /// MQTT client id. Default: `thingName` (IoT Core policies usually require that).
+    /// MQTT client id. Default: `<thingName>-gatehouse`, so it never clashes with the
+    /// Greengrass nucleus, which connects to IoT Core as `<thingName>` (two connections with one
+    /// client id disconnect each other). The device's IoT policy must allow `iot:Connect` for it.
     #[serde(default)]
     pub client_id: Option<String>,
     /// Topic template; `{thingName}` is substituted. At most 256 bytes and 7 slashes after
@@ -257,6 +337,11 @@ pub struct MqttUpstream {
     /// Default 20000.
     #[serde(default = "default_ack_timeout_ms")]
     pub ack_timeout_ms: Bounded<1_000, 3_600_000>,
+    /// A batch the upstream refuses, or that ends the connection, every time it is sent alone
+    /// while other batches get through, is moved to `dead_letter` after this many attempts, so
+    /// it cannot block the link (see `gatehouse dead-letter`). Default 5.
+    #[serde(default = "default_max_batch_attempts")]
+    pub max_batch_attempts: Bounded<1, 1_000>,
 }
 
 /// An outbound HTTP CONNECT proxy.
@@ -303,7 +388,7 @@ impl MqttUpstream {
     pub fn client_id_for(&self, thing_name: &str) -> String {
         self.client_id
             .clone()
-            .unwrap_or_else(|| thing_name.to_string())
+            .unwrap_or_else(|| format!("{thing_name}-gatehouse"))
     }
 
     /// ALPN `x-amzn-mqtt-ca`: as configured, else on for port 443.
@@ -374,6 +459,7 @@ impl Default for JournalConfig {
         Self {
             path: default_journal_path(),
             synchronous: default_synchronous(),
+            dedup: default_dedup_mode(),
             dedup_window_secs: default_dedup_window_secs(),
             dedup_max_keys: default_dedup_max_keys(),
             max_bytes: default_journal_max_bytes(),
@@ -401,10 +487,11 @@ impl BatchConfig {
 }
 
 impl JournalConfig {
+    /// The dedup window, or `None` when dedup is off (`dedup: "off"` or a window of 0).
     pub fn dedup_window(&self) -> Option<Duration> {
-        match self.dedup_window_secs.get() {
-            0 => None,
-            secs => Some(Duration::from_secs(secs)),
+        match (self.dedup, self.dedup_window_secs.get()) {
+            (DedupMode::Off, _) | (_, 0) => None,
+            (DedupMode::Agent, secs) => Some(Duration::from_secs(secs)),
         }
     }
 }
@@ -436,13 +523,19 @@ impl Config {
     }
 
     /// Builds and validates a config from a JSON value (a file's content, or recipe parameters).
-    pub fn from_value(mut doc: serde_json::Value) -> Result<Self, ConfigError> {
-        let upstream = doc.as_object_mut().and_then(|o| o.remove("upstream"));
+    pub fn from_value(doc: serde_json::Value) -> Result<Self, ConfigError> {
+        let named = doc.get("thingName").is_some();
+        // Parsed on its own, so its errors are reported along with the rest.
+        let upstream = doc.get("upstream").cloned().map(parse_upstream).transpose();
         let config: Result<Config, _> = typed(doc, "");
-        let upstream = upstream.map(parse_upstream).transpose();
         let config = match (config, upstream) {
             (Ok(config), Ok(upstream)) => Config {
                 upstream: upstream.unwrap_or_default(),
+                thing_name_source: match (named, std::env::var_os("AWS_IOT_THING_NAME")) {
+                    (true, _) => ThingNameSource::Config,
+                    (false, Some(name)) if !name.is_empty() => ThingNameSource::Environment,
+                    (false, _) => ThingNameSource::HostName,
+                },
                 ..config
             },
             // Report both halves' problems at once.
@@ -599,17 +692,46 @@ fn parse_upstream(mut value: serde_json::Value) -> Result<UpstreamConfig, Config
     };
     match kind.as_str() {
         "directory" => {
-            let d: DirectoryUpstream = typed(value, "upstream")?;
+            let d: DirectoryUpstream = typed(value, "upstream").map_err(with_kind)?;
             Ok(UpstreamConfig::Directory {
                 path: d.path,
                 max_inflight: d.max_inflight,
             })
         }
-        "mqtt" => Ok(UpstreamConfig::Mqtt(Box::new(typed(value, "upstream")?))),
+        "mqtt" => Ok(UpstreamConfig::Mqtt(Box::new(
+            typed(value, "upstream").map_err(with_kind)?,
+        ))),
         other => Err(invalid(
             "upstream.kind",
             format!("expected \"directory\" or \"mqtt\", got {other:?}"),
         )),
+    }
+}
+
+/// Adds `kind` (read before the rest) to serde's list of an upstream's valid keys.
+fn with_kind(error: ConfigError) -> ConfigError {
+    match error {
+        ConfigError::Invalid(keys) => ConfigError::Invalid(
+            keys.into_iter()
+                .map(|k| InvalidKey {
+                    reason: match k.reason.split_once("expected ") {
+                        // serde: "expected one of `a`, `b`, ..." or "expected `a` or `b`".
+                        Some((head, keys))
+                            if keys.starts_with('`') || keys.starts_with("one of ") =>
+                        {
+                            let keys = keys.strip_prefix("one of ").unwrap_or(keys);
+                            format!(
+                                "{head}expected one of `kind`, {}",
+                                keys.replace(" or ", ", ")
+                            )
+                        }
+                        _ => k.reason,
+                    },
+                    key: k.key,
+                })
+                .collect(),
+        ),
+        other => other,
     }
 }
 
@@ -695,6 +817,7 @@ fn default_listeners() -> Vec<ListenerConfig> {
         max_packet_size: default_max_packet_size(),
         max_inflight: default_max_inflight(),
         connect_timeout_ms: default_connect_timeout_ms(),
+        write_timeout_ms: default_write_timeout_ms(),
     }]
 }
 const fn default_max_packet_size() -> Bounded<64, 268_435_455> {
@@ -705,6 +828,21 @@ const fn default_max_inflight() -> Bounded<1, 65_535> {
 }
 const fn default_connect_timeout_ms() -> Bounded<100, 600_000> {
     Bounded::new(10_000)
+}
+const fn default_write_timeout_ms() -> Bounded<100, 600_000> {
+    Bounded::new(10_000)
+}
+const fn default_max_stored_sessions() -> Bounded<1, 10_000_000> {
+    Bounded::new(100_000)
+}
+const fn default_session_expiry_secs() -> Bounded<1, 31_536_000> {
+    Bounded::new(604_800)
+}
+const fn default_dedup_mode() -> DedupMode {
+    DedupMode::Agent
+}
+const fn default_max_batch_attempts() -> Bounded<1, 1_000> {
+    Bounded::new(5)
 }
 fn default_journal_path() -> PathBuf {
     PathBuf::from("./gatehouse-data/journal.db")

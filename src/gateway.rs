@@ -1,7 +1,12 @@
 //! Wires listener -> journal -> batcher -> sink together and runs them until shutdown.
 //!
-//! Start-up order: open the journal, build the sink, bind every listener (so a bad address fails
-//! before anything runs), then start the sink, the batcher and the listeners.
+//! Start-up order: bind every listener (so a bad address fails before anything runs), build the
+//! sink, open the journal, then start the sink, the batcher and the listeners.
+//!
+//! Supervision: the batcher, the sink and the journal's integrity check are watched; should one
+//! stop (a panic, an unexpected return, corruption found), the gateway shuts down in order and
+//! `run` fails, so the process exits non-zero and its supervisor (Greengrass, systemd) restarts
+//! it. A gateway that accepts messages it can no longer deliver never keeps running.
 //!
 //! Shutdown order (each step finishes before the next):
 //! 1. listeners stop accepting; sessions acknowledge what is committed and close;
@@ -19,8 +24,13 @@ use tokio::sync::mpsc;
 
 use crate::batcher::{self, Batcher};
 use crate::config::Config;
+use crate::journal::Health;
 use crate::listener::{self, Listener, Registry};
+use crate::sink::Sink;
 use crate::{journal, shutdown, sink, telemetry};
+
+/// How often the summary line is logged (when something changed).
+const SUMMARY_EVERY: Duration = Duration::from_secs(60);
 
 /// How long the batcher may wait for the sink's last confirmations at shutdown.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
@@ -50,27 +60,40 @@ impl Gateway {
             .collect()
     }
 
-    /// Runs until `signal` resolves, then shuts down in order.
+    /// Runs until `signal` resolves, then shuts down in order. Fails (after the same orderly
+    /// shutdown) when a stage the gateway cannot run without stops on its own: the batcher, the
+    /// sink, or the journal found corrupt.
     pub async fn run(self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let sink = sink::build(&self.config)?;
+        self.run_with_sink(sink, signal).await
+    }
+
+    /// `run`, with a sink built by the caller.
+    pub async fn run_with_sink(
+        self,
+        sink: Box<dyn Sink>,
+        signal: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         let config = self.config;
-        // Opening checks integrity and may migrate: blocking work, kept off the reactor.
+        // Opening may migrate: blocking work, kept off the reactor.
         let journal_config = config.journal.clone();
         let (journal, reader, writer) =
             tokio::task::spawn_blocking(move || journal::open(&journal_config))
                 .await?
                 .with_context(|| format!("journal.path {}", config.journal.path.display()))?;
-        let sink = sink::build(&config)?;
 
         let settings = batcher::Settings {
             gateway: config.thing_name.clone(),
             batch: config.batch.clone(),
             sink_name: sink.name(),
             max_inflight: sink.max_inflight(),
+            max_payload: sink.max_payload(),
             drain_grace: DRAIN_GRACE,
         };
         let (batches_tx, batches_rx) = mpsc::channel(sink.max_inflight());
-        let (confirm_tx, confirm_rx) = mpsc::unbounded_channel();
-        let sink_task = tokio::spawn(sink.run(batches_rx, confirm_tx));
+        // A sink settles at most what it holds, which is at most max_inflight.
+        let (confirm_tx, confirm_rx) = mpsc::channel(sink.max_inflight());
+        let mut sink_task = tokio::spawn(sink.run(batches_rx, confirm_tx));
 
         let (batcher_stop, batcher_shutdown) = shutdown::channel();
         let mut batcher_task = tokio::spawn(Batcher::new(journal.clone(), reader, settings).run(
@@ -80,7 +103,7 @@ impl Gateway {
         ));
 
         let (listeners_stop, listeners_shutdown) = shutdown::channel();
-        let registry = Arc::new(Registry::default());
+        let registry = Arc::new(Registry::new(&config.sessions));
         let mut listener_tasks = Vec::new();
         for listener in self.listeners {
             if let Ok(addr) = listener.local_addr() {
@@ -94,43 +117,73 @@ impl Gateway {
         }
         drop(listeners_shutdown);
         tracing::info!(
-            thing_name = %config.thing_name,
-            journal = %config.journal.path.display(),
-            "Gateway running."
+            "Gateway running as {} ({}); journal {}.",
+            config.thing_name,
+            config.thing_name_source,
+            config.journal.path.display()
         );
+        let summary = tokio::spawn(telemetry::summarize(SUMMARY_EVERY));
 
+        let mut health = journal.health();
         let mut failure = None;
+        let mut batcher_done = false;
+        let mut sink_done = false;
         tokio::select! {
             _ = signal => tracing::info!("Shutting down."),
             result = &mut batcher_task => {
+                batcher_done = true;
                 failure = Some(match result {
                     Ok(Ok(())) => anyhow::anyhow!("batcher stopped unexpectedly"),
                     Ok(Err(e)) => anyhow::Error::new(e).context("batcher failed"),
                     Err(e) => anyhow::anyhow!("batcher panicked: {e}"),
                 });
             }
+            result = &mut sink_task => {
+                sink_done = true;
+                failure = Some(match result {
+                    Ok(()) => anyhow::anyhow!("the upstream sink stopped unexpectedly; nothing more could be delivered"),
+                    Err(e) => anyhow::anyhow!("the upstream sink panicked: {e}"),
+                });
+            }
+            Ok(problem) = health.wait_for(|h| matches!(h, Health::Corrupt(_))) => {
+                let problem = match &*problem { Health::Corrupt(p) => p.clone(), _ => String::new() };
+                failure = Some(anyhow::anyhow!(
+                    "journal {} is corrupt ({problem}); restart to quarantine it",
+                    config.journal.path.display()
+                ));
+            }
+        }
+        if let Some(e) = &failure {
+            tracing::error!("{e:#}; shutting down.");
         }
 
+        summary.abort();
         listeners_stop.fire();
         for task in listener_tasks {
             let _ = task.await;
         }
         tracing::info!("Agents disconnected; flushing batches.");
         batcher_stop.fire();
-        if failure.is_none() {
-            match batcher_task.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => failure = Some(anyhow::Error::new(e).context("batcher failed")),
-                Err(e) => failure = Some(anyhow::anyhow!("batcher panicked: {e}")),
+        if !batcher_done {
+            let result = batcher_task.await;
+            if failure.is_none() {
+                match result {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => failure = Some(anyhow::Error::new(e).context("batcher failed")),
+                    Err(e) => failure = Some(anyhow::anyhow!("batcher panicked: {e}")),
+                }
             }
         }
-        if tokio::time::timeout(DRAIN_GRACE, sink_task).await.is_err() {
+        if !sink_done && tokio::time::timeout(DRAIN_GRACE, sink_task).await.is_err() {
             tracing::warn!("Sink did not stop in time; its unconfirmed batches stay journaled.");
         }
         drop(journal);
         drop(registry);
         tokio::task::spawn_blocking(move || writer.join()).await?;
         metrics::gauge!(telemetry::CONNECTIONS).set(0.0);
+        telemetry::PROGRESS
+            .agents_connected
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         match failure {
             Some(e) => Err(e),
             None => {
@@ -140,3 +193,6 @@ impl Gateway {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

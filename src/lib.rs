@@ -6,12 +6,14 @@
 //!
 //! - `listener`: accepts agents' MQTT 3.1.1/5.0 connections; the only module that knows MQTT
 //!   packets. Turns PUBLISHes into `Record`s and PUBACKs them once the journal committed them.
-//! - `journal`: the SQLite journal, the source of truth. One writer thread does group commit.
+//! - `journal`: the SQLite journal, the source of truth. One writer thread does group commit;
+//!   `dead_letter` keeps what the upstream would not take, for an operator.
 //! - `batcher`: reads committed records in sequence order and packs them into `envelope` batches.
-//! - `sink`: where batches go (`directory` here; MQTT and Greengrass IPC later). A sink confirms
-//!   batches asynchronously; only then does the journal release their rows.
+//! - `sink`: where batches go: `directory` (the embedded default) or `mqtt` (one MQTT/TLS link
+//!   to AWS IoT Core). A sink settles batches asynchronously (delivered, or dead-lettered); only
+//!   then does the journal release their rows. There is no Greengrass IPC sink yet.
 //! - `config`: the one configuration model. `telemetry`: metrics names and the admin listener.
-//! - `gateway`: wires the pieces together and runs them until shutdown.
+//! - `gateway`: wires the pieces together, supervises them and runs them until shutdown.
 
 #![forbid(unsafe_code)]
 

@@ -1,18 +1,19 @@
-//! The `gatehouse` command: run the gateway, check a config, or decode a batch payload.
+//! The `gatehouse` command: run the gateway, check a config, decode batch payloads, or see and
+//! resend dead-lettered records.
 //!
-//! Kept thin: argument parsing, logging set-up, config loading, signals and exit codes.
+//! Kept thin: argument parsing, logging set-up, config loading, signals and exit codes. The
+//! subcommands other than `run` live in `cli/`.
 
-use std::io::{Read, Write};
+mod cli;
+
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use gatehouse::config::Config;
+use gatehouse::config::{Config, MetricsConfig};
 use gatehouse::gateway::Gateway;
-use gatehouse::{envelope, telemetry};
-
-/// Exit code for an invalid configuration (EX_USAGE in sysexits.h).
-const EX_USAGE: u8 = 64;
+use gatehouse::telemetry;
 
 #[derive(Parser)]
 #[command(
@@ -32,58 +33,61 @@ enum Command {
         /// JSON configuration file.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (overrides `metrics.bind`).
+        #[arg(long, env = "GATEHOUSE_METRICS", value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
     },
     /// Validate a configuration file: exit 0 when valid, else print what is wrong and exit 64.
-    CheckConfig { file: PathBuf },
-    /// Print the records of one batch payload (a file, or stdin) as JSON lines.
+    CheckConfig {
+        file: PathBuf,
+        /// Also check this machine: ports free, paths writable, certificates and keys load.
+        #[arg(long)]
+        deep: bool,
+    },
+    /// Print batch payloads as JSON lines: files, directories of `*.batch` files, or stdin.
     Decode {
-        /// The payload file; stdin when absent.
-        file: Option<PathBuf>,
-        /// Print the batch header first.
+        /// Payload files or directories; stdin when none.
+        paths: Vec<PathBuf>,
+        /// Print each batch's header before its records.
         #[arg(long)]
         header: bool,
+    },
+    /// See, export or resend the records the upstream would not take (`dead_letter`).
+    DeadLetter {
+        #[command(subcommand)]
+        action: cli::dead_letter::DeadLetterAction,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => run(config),
-        Command::CheckConfig { file } => match Config::from_file(&file) {
-            Ok(_) => {
-                println!("{}: valid", file.display());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{}: invalid configuration\n{e}", file.display());
-                ExitCode::from(EX_USAGE)
-            }
-        },
-        Command::Decode { file, header } => match decode(file.as_ref(), header) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                let source = file.map_or("stdin".to_string(), |f| f.display().to_string());
-                eprintln!("gatehouse decode: {source}: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Run { config, metrics } => run(config, metrics),
+        Command::CheckConfig { file, deep } => cli::check::run(&file, deep),
+        Command::Decode { paths, header } => cli::decode::run(&paths, header),
+        Command::DeadLetter { action } => cli::dead_letter::run(action),
     }
 }
 
-fn run(config_path: Option<PathBuf>) -> ExitCode {
+fn run(config_path: Option<PathBuf>, metrics: Option<SocketAddr>) -> ExitCode {
     let config = match &config_path {
         Some(path) => Config::from_file(path),
         None => Ok(Config::embedded()),
     };
-    let config = match config {
+    let mut config = match config {
         Ok(config) => config,
         Err(e) => {
             let source =
                 config_path.map_or("embedded defaults".into(), |p| p.display().to_string());
             eprintln!("{source}: invalid configuration\n{e}");
-            return ExitCode::from(EX_USAGE);
+            return ExitCode::from(cli::EX_USAGE);
         }
     };
+    if let Some(addr) = metrics {
+        config.metrics = Some(MetricsConfig {
+            bind: gatehouse::config::Bind(addr),
+        });
+    }
     init_logging(&config.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -129,28 +133,4 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-}
-
-fn decode(file: Option<&PathBuf>, header: bool) -> anyhow::Result<()> {
-    let payload = match file {
-        Some(path) => std::fs::read(path)?,
-        None => {
-            let mut buf = Vec::new();
-            std::io::stdin().read_to_end(&mut buf)?;
-            buf
-        }
-    };
-    let (head, records) = envelope::decode(&payload)?;
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
-    if header {
-        serde_json::to_writer(&mut out, &head)?;
-        out.write_all(b"\n")?;
-    }
-    for record in &records {
-        serde_json::to_writer(&mut out, &envelope::record_json(record))?;
-        out.write_all(b"\n")?;
-    }
-    out.flush()?;
-    Ok(())
 }

@@ -41,6 +41,12 @@ pub const UPSTREAM_ACKS: &str = "gatehouse_upstream_acks_total";
 pub const UPSTREAM_ERRORS: &str = "gatehouse_upstream_errors_total";
 pub const JOURNAL_EVICTED: &str = "gatehouse_journal_evicted_total";
 pub const SINK_INFLIGHT: &str = "gatehouse_sink_inflight_batches";
+pub const DROPPED: &str = "gatehouse_dropped_total";
+pub const BATCHES_DEAD_LETTERED: &str = "gatehouse_batches_dead_lettered_total";
+pub const BATCHES_ADOPTED: &str = "gatehouse_batches_adopted_total";
+pub const SESSIONS_STORED: &str = "gatehouse_sessions_stored";
+pub const SESSIONS_DISCARDED: &str = "gatehouse_sessions_discarded_total";
+pub const WRITE_TIMEOUTS: &str = "gatehouse_agent_write_timeouts_total";
 
 /// Installs the metrics recorder. With an admin address, also serves Prometheus text at
 /// `http://ADDR/metrics`. Must run inside the tokio runtime.
@@ -48,7 +54,9 @@ pub fn install(admin: Option<SocketAddr>) -> anyhow::Result<()> {
     let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new();
     if let Some(addr) = admin {
         builder = builder.with_http_listener(addr);
-        builder.install()?;
+        builder
+            .install()
+            .map_err(|e| anyhow::anyhow!("metrics.bind: cannot serve metrics on {addr}: {e}"))?;
         tracing::info!(%addr, "Serving metrics.");
     } else {
         // Keep counting (a later admin listener or a test may read it), serve nothing.
@@ -122,6 +130,142 @@ fn describe() {
         SINK_INFLIGHT,
         "Batches handed to the sink and not yet confirmed."
     );
+    describe_gauge!(
+        JOURNAL_OLDEST_AGE,
+        "Age in seconds of the oldest record not yet confirmed upstream (0: none)."
+    );
+    describe_histogram!(
+        JOURNAL_COMMIT_COMMANDS,
+        "Commands (messages, seals, releases) committed per journal transaction."
+    );
+    describe_counter!(
+        JOURNAL_EVICTED,
+        "QoS 0 records evicted unsent because the journal reached journal.maxBytes."
+    );
+    describe_gauge!(
+        UPSTREAM_CONNECTED,
+        "1 while the upstream link is connected, else 0."
+    );
+    describe_counter!(UPSTREAM_CONNECTS, "Upstream connection attempts.");
+    describe_counter!(
+        UPSTREAM_PUBLISHES,
+        "Batches published upstream (re-sends included)."
+    );
+    describe_counter!(
+        UPSTREAM_BYTES,
+        "Payload plus topic bytes published upstream (re-sends included)."
+    );
+    describe_counter!(UPSTREAM_ACKS, "Upstream PUBACKs that confirmed a batch.");
+    describe_counter!(UPSTREAM_ERRORS, "Upstream link failures, by cause.");
+    describe_counter!(
+        DROPPED,
+        "Acknowledged messages that will not travel upstream, by reason: duplicate (same agent, topic and payload within journal.dedupWindowSecs), qos0_evicted (journal full)."
+    );
+    describe_counter!(
+        BATCHES_DEAD_LETTERED,
+        "Batches the upstream refused or that ended the connection every time, moved to dead_letter."
+    );
+    describe_counter!(
+        BATCHES_ADOPTED,
+        "Unconfirmed batches sealed for another upstream kind, handed to the current one at start."
+    );
+    describe_gauge!(
+        SESSIONS_STORED,
+        "Persistent sessions of disconnected agents held now."
+    );
+    describe_counter!(
+        SESSIONS_DISCARDED,
+        "Stored sessions discarded, by reason: expired, over sessions.maxStored."
+    );
+    describe_counter!(
+        WRITE_TIMEOUTS,
+        "Agents disconnected because a write to them waited past writeTimeoutMs."
+    );
+}
+
+/// The few figures the periodic summary log reports, kept beside the metrics (which cannot be
+/// read back). Updated where the matching metric is.
+pub struct Progress {
+    pub agents_connected: AtomicI64,
+    pub messages_in: AtomicU64,
+    pub batches_delivered: AtomicU64,
+    pub backlog_records: AtomicU64,
+    pub oldest_unsent_secs: AtomicU64,
+    /// `UPSTREAM_UNKNOWN`, `UPSTREAM_UP` or `UPSTREAM_DOWN`.
+    pub upstream: std::sync::atomic::AtomicU8,
+}
+
+pub const UPSTREAM_UNKNOWN: u8 = 0;
+pub const UPSTREAM_UP: u8 = 1;
+pub const UPSTREAM_DOWN: u8 = 2;
+
+pub static PROGRESS: Progress = Progress {
+    agents_connected: AtomicI64::new(0),
+    messages_in: AtomicU64::new(0),
+    batches_delivered: AtomicU64::new(0),
+    backlog_records: AtomicU64::new(0),
+    oldest_unsent_secs: AtomicU64::new(0),
+    upstream: std::sync::atomic::AtomicU8::new(UPSTREAM_UNKNOWN),
+};
+
+/// A moment's reading of `PROGRESS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Reading {
+    agents: i64,
+    messages_in: u64,
+    delivered: u64,
+    backlog: u64,
+    oldest_secs: u64,
+    upstream: u8,
+}
+
+impl Progress {
+    fn read(&self) -> Reading {
+        Reading {
+            agents: self.agents_connected.load(Ordering::Relaxed),
+            messages_in: self.messages_in.load(Ordering::Relaxed),
+            delivered: self.batches_delivered.load(Ordering::Relaxed),
+            backlog: self.backlog_records.load(Ordering::Relaxed),
+            oldest_secs: self.oldest_unsent_secs.load(Ordering::Relaxed),
+            upstream: self.upstream.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Logs one summary line every `every` when something changed since the last one: agents
+/// connected, messages in and batches delivered since, the backlog and its oldest record's age,
+/// and the upstream's state. Runs until dropped.
+pub async fn summarize(every: std::time::Duration) {
+    let mut last = PROGRESS.read();
+    let mut ticks = tokio::time::interval(every);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let now = PROGRESS.read();
+        // The age alone moving is not news.
+        let news = Reading {
+            oldest_secs: last.oldest_secs,
+            ..now
+        } != last;
+        if !news {
+            continue;
+        }
+        let upstream = match now.upstream {
+            UPSTREAM_UP => "connected",
+            UPSTREAM_DOWN => "down",
+            _ => "not a network link",
+        };
+        tracing::info!(
+            "Summary: {} agents connected; {} messages in and {} batches delivered in the last {} s; backlog {} records, oldest {} s; upstream {upstream}.",
+            now.agents,
+            now.messages_in.saturating_sub(last.messages_in),
+            now.delivered.saturating_sub(last.delivered),
+            every.as_secs(),
+            now.backlog,
+            now.oldest_secs,
+        );
+        last = now;
+    }
 }
 
 /// Lets a repeated log line through at most once per period, and counts what it held back, so
@@ -163,6 +307,20 @@ impl Throttle {
 #[cfg(test)]
 mod tests {
     use super::Throttle;
+
+    #[test]
+    fn every_metric_has_help_text() {
+        let source = include_str!("telemetry.rs");
+        let squeezed: String = source.chars().filter(|c| !c.is_whitespace()).collect();
+        let missing: Vec<&str> = source
+            .lines()
+            .filter_map(|line| line.strip_prefix("pub const "))
+            .filter_map(|rest| rest.split_once(": &str"))
+            .map(|(name, _)| name)
+            .filter(|name| !squeezed.contains(&format!("!({name},")))
+            .collect();
+        assert!(missing.is_empty(), "no describe_*! for {missing:?}");
+    }
 
     #[test]
     fn throttle_lets_one_through_per_period_and_counts_the_rest() {

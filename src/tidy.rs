@@ -1,4 +1,5 @@
-//! Repository hygiene checked as an ordinary test: every source file explains itself.
+//! Repository hygiene checked as an ordinary test: every source file explains itself, and no
+//! queue in the gateway is unbounded (ARCHITECTURE.md, "Backpressure").
 
 use std::path::Path;
 
@@ -30,5 +31,25 @@ fn every_source_file_opens_with_a_module_doc() {
     assert!(
         missing.is_empty(),
         "files without a //! module doc: {missing:?}"
+    );
+}
+
+#[test]
+fn no_queue_is_unbounded() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rust_files(&root.join("src"), &mut files);
+    let offenders: Vec<_> = files
+        .iter()
+        .filter(|path| !path.ends_with("tidy.rs"))
+        .filter(|path| {
+            let text = std::fs::read_to_string(path).unwrap();
+            text.contains("unbounded_channel") || text.contains("UnboundedSender")
+        })
+        .map(|p| p.strip_prefix(root).unwrap().display().to_string())
+        .collect();
+    assert!(
+        offenders.is_empty(),
+        "unbounded channels in {offenders:?}: bound them (in bytes where items vary) and list the bound in ARCHITECTURE.md"
     );
 }

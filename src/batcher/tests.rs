@@ -52,21 +52,33 @@ async fn append(journal: &Journal, payload: String) {
 
 struct Running {
     batches: mpsc::Receiver<Batch>,
-    confirm: mpsc::UnboundedSender<Confirmation>,
+    confirm: mpsc::Sender<Confirmation>,
     stop: shutdown::Trigger,
-    task: tokio::task::JoinHandle<Result<(), JournalError>>,
+    task: tokio::task::JoinHandle<Result<(), BatcherError>>,
 }
 
 fn start(h: &Harness, batch: BatchConfig, max_inflight: usize) -> Running {
+    start_for(h, batch, max_inflight, "test", usize::MAX)
+}
+
+/// A batcher for a sink named `sink_name` that takes payloads of `max_payload` bytes at most.
+fn start_for(
+    h: &Harness,
+    batch: BatchConfig,
+    max_inflight: usize,
+    sink_name: &'static str,
+    max_payload: usize,
+) -> Running {
     let settings = Settings {
         gateway: "gw-test".into(),
         batch,
-        sink_name: "test",
+        sink_name,
         max_inflight,
+        max_payload,
         drain_grace: Duration::from_millis(200),
     };
     let (batches_tx, batches) = mpsc::channel(max_inflight);
-    let (confirm, confirm_rx) = mpsc::unbounded_channel();
+    let (confirm, confirm_rx) = mpsc::channel(max_inflight);
     let (stop, signal) = shutdown::channel();
     let batcher = Batcher::new(h.journal.clone(), h.reader.clone(), settings);
     let task = tokio::spawn(batcher.run(batches_tx, confirm_rx, signal));
@@ -120,9 +132,8 @@ async fn records_flow_in_order_and_are_released_on_confirmation() {
         assert!(h.reader.counts().await.unwrap().0 > 0);
         running
             .confirm
-            .send(Confirmation {
-                batch_seq: batch.batch_seq,
-            })
+            .send(Confirmation::delivered(batch.batch_seq))
+            .await
             .unwrap();
     }
     assert_eq!(seqs, vec![1, 2, 3]);
@@ -220,9 +231,8 @@ async fn a_backlog_drains_in_full_batches_within_the_window() {
         total += batch.record_count as usize;
         running
             .confirm
-            .send(Confirmation {
-                batch_seq: batch.batch_seq,
-            })
+            .send(Confirmation::delivered(batch.batch_seq))
+            .await
             .unwrap();
     }
     assert_eq!(total, 3000);
@@ -264,4 +274,170 @@ async fn shutdown_ends_within_the_grace_even_when_the_sink_takes_nothing() {
     tokio::task::spawn_blocking(move || h.guard.join())
         .await
         .unwrap();
+}
+
+/// Pseudo-random, incompressible text of `len` bytes (so batches really are as large as they
+/// look).
+fn noise(seed: u64, len: usize) -> String {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (b'a' + (x % 26) as u8) as char
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn batches_sealed_for_another_sink_are_handed_to_the_current_one_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(&dir);
+    for i in 0..5 {
+        append(&h.journal, format!("m{i}")).await;
+    }
+    let config = || batch_config(serde_json::json!({"maxMessages": 2, "maxDelayMs": 10}));
+    let mut running = start_for(&h, config(), 8, "mqtt", usize::MAX);
+    let mut sealed = Vec::new();
+    for _ in 0..3 {
+        sealed.push(next(&mut running).await);
+    }
+    close(h, running).await; // never confirmed: the operator switches sinks
+
+    let h = open(&dir);
+    let mut running = start_for(&h, config(), 8, "directory", usize::MAX);
+    for expected in &sealed {
+        let again = next(&mut running).await;
+        assert_eq!(again.batch_seq, expected.batch_seq);
+        assert_eq!(again.payload, expected.payload, "same bytes");
+        running
+            .confirm
+            .send(Confirmation::delivered(again.batch_seq))
+            .await
+            .unwrap();
+    }
+    poll_empty(&h).await;
+    close(h, running).await;
+}
+
+#[tokio::test]
+async fn stored_batches_larger_than_the_sink_takes_are_rebatched_losing_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(&dir);
+    let sent: Vec<String> = (0..40)
+        .map(|i| format!("{i:02} {}", noise(i, 900)))
+        .collect();
+    for payload in &sent {
+        append(&h.journal, payload.clone()).await;
+    }
+    let config = || batch_config(serde_json::json!({"maxDelayMs": 10}));
+    let mut running = start_for(&h, config(), 8, "java-nucleus", usize::MAX);
+    let big = next(&mut running).await;
+    assert!(
+        big.payload.len() > 15_000,
+        "one large batch: {}",
+        big.payload.len()
+    );
+    close(h, running).await;
+
+    let h = open(&dir);
+    let limit = 7_000;
+    let mut running = start_for(&h, config(), 8, "lite-nucleus", limit);
+    let mut received = Vec::new();
+    let mut seqs = Vec::new();
+    while received.len() < sent.len() {
+        let batch = next(&mut running).await;
+        assert!(
+            batch.payload.len() <= limit,
+            "batch {} is {} bytes",
+            batch.batch_seq,
+            batch.payload.len()
+        );
+        assert!(batch.batch_seq > big.batch_seq, "re-batched under new seqs");
+        seqs.push(batch.batch_seq);
+        let (_, records) = envelope::decode(&batch.payload).unwrap();
+        received.extend(
+            records
+                .into_iter()
+                .map(|r| String::from_utf8(r.record.payload.to_vec()).unwrap()),
+        );
+        running
+            .confirm
+            .send(Confirmation::delivered(batch.batch_seq))
+            .await
+            .unwrap();
+    }
+    assert_eq!(received, sent, "every record, in order");
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    poll_empty(&h).await;
+    close(h, running).await;
+}
+
+#[tokio::test]
+async fn a_dead_lettered_batch_leaves_the_stream_for_dead_letter() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(&dir);
+    append(&h.journal, "poison".into()).await;
+    let mut running = start(&h, batch_config(serde_json::json!({"maxDelayMs": 10})), 4);
+    let batch = next(&mut running).await;
+    running
+        .confirm
+        .send(Confirmation {
+            batch_seq: batch.batch_seq,
+            outcome: Outcome::DeadLettered("refused every time".into()),
+        })
+        .await
+        .unwrap();
+    poll_empty(&h).await;
+    close(h, running).await;
+    let mut reasons = Vec::new();
+    journal::list_dead_letters(&dir.path().join("journal.db"), |l| {
+        reasons.push((l.batch_seq, l.reason));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(
+        reasons,
+        vec![(Some(batch.batch_seq), "refused every time".to_string())]
+    );
+}
+
+#[tokio::test]
+async fn a_batch_the_sink_cannot_take_ends_the_batcher_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(&dir);
+    let running = start(&h, batch_config(serde_json::json!({"maxDelayMs": 10})), 4);
+    drop(running.batches); // the sink is gone
+    append(&h.journal, "undeliverable for now".into()).await;
+    let result = tokio::time::timeout(Duration::from_secs(10), running.task)
+        .await
+        .expect("the batcher notices")
+        .unwrap();
+    assert!(
+        matches!(result, Err(BatcherError::SinkStopped(_))),
+        "{result:?}"
+    );
+    // The batch it could not hand over stays sealed for the next start.
+    assert_eq!(
+        h.reader
+            .unconfirmed_batches(0, 100, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+/// Waits until the journal holds no records.
+async fn poll_empty(h: &Harness) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (rows, _) = h.reader.counts().await.unwrap();
+        if rows == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{rows} records left");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

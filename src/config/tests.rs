@@ -97,7 +97,7 @@ fn mqtt_upstream_defaults_follow_iot_core() {
     };
     assert_eq!(mqtt.port.get(), 8883);
     assert_eq!(mqtt.topic_for(&config.thing_name), "gatehouse/gw-1/batches");
-    assert_eq!(mqtt.client_id_for(&config.thing_name), "gw-1");
+    assert_eq!(mqtt.client_id_for(&config.thing_name), "gw-1-gatehouse");
     assert_eq!(mqtt.max_inflight.get(), 100);
     assert_eq!(mqtt.max_publishes_per_sec.get(), 100);
     assert_eq!(mqtt.max_bytes_per_sec.get(), 524_288);
@@ -144,4 +144,148 @@ fn missing_certificate_files_name_their_key() {
 fn reconnect_bounds_must_be_ordered() {
     let (_dir, json) = mqtt_config(r#", "reconnectMinMs": 5000, "reconnectMaxMs": 1000"#);
     assert!(error_of(&json).starts_with("upstream.reconnectMaxMs: "));
+}
+
+/// The keys serde says are valid, from an unknown-key error message.
+fn listed_keys(message: &str) -> Vec<String> {
+    // serde says "expected `a`", "expected `a` or `b`", or "expected one of `a`, `b`, ...".
+    let list = message
+        .split("expected ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no key list in {message:?}"));
+    let list = list.strip_prefix("one of ").unwrap_or(list);
+    let mut keys: Vec<String> = list
+        .split(", ")
+        .flat_map(|k| k.split(" or "))
+        .map(|k| k.trim().trim_matches('`').to_string())
+        .collect();
+    keys.sort();
+    keys
+}
+
+fn sorted(keys: &[&str]) -> Vec<String> {
+    let mut keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+    keys.sort();
+    keys
+}
+
+#[test]
+fn every_unknown_key_message_lists_exactly_the_valid_keys() {
+    let (_dir, mqtt) = mqtt_config(r#", "hots": "x""#);
+    let cases = [
+        (
+            r#"{"thingNmae": "x"}"#.to_string(),
+            "",
+            sorted(&[
+                "thingName",
+                "listeners",
+                "journal",
+                "batch",
+                "upstream",
+                "logLevel",
+                "metrics",
+                "sessions",
+            ]),
+        ),
+        (
+            r#"{"listeners": [{"bind": "127.0.0.1:1", "x": 1}]}"#.into(),
+            "listeners[0]",
+            sorted(&[
+                "bind",
+                "maxPacketSize",
+                "maxInflight",
+                "connectTimeoutMs",
+                "writeTimeoutMs",
+            ]),
+        ),
+        (
+            r#"{"journal": {"x": 1}}"#.into(),
+            "journal",
+            sorted(&[
+                "path",
+                "synchronous",
+                "dedup",
+                "dedupWindowSecs",
+                "dedupMaxKeys",
+                "maxBytes",
+                "commitMaxMessages",
+                "commitMaxDelayMs",
+            ]),
+        ),
+        (
+            r#"{"batch": {"x": 1}}"#.into(),
+            "batch",
+            sorted(&["maxBytes", "maxMessages", "maxDelayMs", "compression"]),
+        ),
+        (
+            r#"{"sessions": {"x": 1}}"#.into(),
+            "sessions",
+            sorted(&["maxStored", "expirySecs"]),
+        ),
+        (
+            r#"{"metrics": {"bind": "127.0.0.1:1", "x": 1}}"#.into(),
+            "metrics",
+            sorted(&["bind"]),
+        ),
+        (
+            r#"{"upstream": {"kind": "directory", "x": 1}}"#.into(),
+            "upstream",
+            sorted(&["kind", "path", "maxInflight"]),
+        ),
+        (
+            mqtt,
+            "upstream",
+            sorted(&[
+                "kind",
+                "host",
+                "port",
+                "caFile",
+                "certFile",
+                "keyFile",
+                "clientId",
+                "topic",
+                "protocol",
+                "alpn",
+                "proxy",
+                "keepAliveSecs",
+                "maxInflight",
+                "maxPublishesPerSec",
+                "maxBytesPerSec",
+                "reconnectMinMs",
+                "reconnectMaxMs",
+                "ackTimeoutMs",
+                "maxBatchAttempts",
+            ]),
+        ),
+    ];
+    for (json, key, expected) in cases {
+        let message = error_of(&json);
+        assert!(message.starts_with(key), "{message}");
+        assert_eq!(listed_keys(&message), expected, "{json}: {message}");
+    }
+}
+
+#[test]
+fn the_default_upstream_client_id_is_not_the_thing_name() {
+    let (_dir, json) = mqtt_config("");
+    let config = Config::from_json(&json).unwrap();
+    let UpstreamConfig::Mqtt(mqtt) = &config.upstream else {
+        panic!("mqtt upstream");
+    };
+    let client_id = mqtt.client_id_for(&config.thing_name);
+    assert_ne!(
+        client_id, config.thing_name,
+        "the Greengrass nucleus connects as the thing name"
+    );
+    assert_eq!(client_id, format!("{}-gatehouse", config.thing_name));
+}
+
+#[test]
+fn the_thing_name_source_is_known() {
+    let named = Config::from_json(r#"{"thingName": "gw-7"}"#).unwrap();
+    assert_eq!(named.thing_name_source, ThingNameSource::Config);
+    if std::env::var_os("AWS_IOT_THING_NAME").is_none() {
+        let unnamed = Config::embedded();
+        assert_eq!(unnamed.thing_name_source, ThingNameSource::HostName);
+    }
 }

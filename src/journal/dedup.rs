@@ -1,4 +1,5 @@
-//! The dedup index: which messages (by topic and payload) the journal saw within the window.
+//! The dedup index: which messages (by agent, topic and payload) the journal saw within the
+//! window.
 //!
 //! Lookups are in memory; the keys are also persisted, in arrival order, in the `dedup` table in
 //! the same transaction as the records they guard, so the index survives restarts and is exact
@@ -6,9 +7,12 @@
 //! SQLite side sequential, whatever the key distribution.
 //!
 //! Guarantees:
-//! - A key is a duplicate only if the same 128-bit key (the first 16 bytes of SHA-256 over
-//!   topic, 0x00, payload) was committed within `window` before. A transaction that rolls back
-//!   leaves no trace in the index.
+//! - A message is a duplicate only if the same 128-bit key (the first 16 bytes of
+//!   `journal::dedup_key`: SHA-256 over agent, topic and payload) was armed within `window`
+//!   before by a record that is journaled or was delivered. The same event from two agents is
+//!   two records.
+//! - A transaction that rolls back leaves no trace in the index; a QoS 0 record evicted unsent
+//!   (journal full) disarms its key in the eviction's transaction (`disarm_records`).
 //! - Memory is bounded by `max_keys`: past it the oldest keys are forgotten early (counted), so
 //!   at worst a late duplicate is journaled again. Nothing is ever dropped for want of room.
 
@@ -73,23 +77,71 @@ impl DedupIndex {
         })
     }
 
-    /// Whether `key` was seen within the window as of `now`; if not, arms it in `tx`.
+    /// Whether `key` was armed within the window as of `now` (and not disarmed since).
+    pub(super) fn is_duplicate(&self, key: &[u8; 32], now: i64) -> bool {
+        let id = short(key);
+        let cutoff = now - self.window_ms;
+        let last = self.staged.get(&id).or_else(|| self.seen.get(&id));
+        last.is_some_and(|&at| at >= cutoff)
+    }
+
+    /// Arms `key` in `tx` for the record just inserted; `qos0_seq` names it when it is a QoS 0
+    /// record (one that may be evicted unsent, which must disarm the key).
+    pub(super) fn arm(
+        &mut self,
+        tx: &Transaction<'_>,
+        key: &[u8; 32],
+        now: i64,
+        qos0_seq: Option<u64>,
+    ) -> rusqlite::Result<()> {
+        tx.prepare_cached("INSERT INTO dedup (key, seen_at, record_seq) VALUES (?1, ?2, ?3)")?
+            .execute(params![&key[..16], now, qos0_seq.map(|s| s as i64)])?;
+        self.staged.insert(short(key), now);
+        Ok(())
+    }
+
+    /// `is_duplicate`, arming the key when it is not (as for a QoS 1 record).
+    #[cfg(test)]
     pub(super) fn check_and_arm(
         &mut self,
         tx: &Transaction<'_>,
         key: &[u8; 32],
         now: i64,
     ) -> rusqlite::Result<bool> {
-        let id = short(key);
-        let cutoff = now - self.window_ms;
-        let last = self.staged.get(&id).or_else(|| self.seen.get(&id));
-        if last.is_some_and(|&at| at >= cutoff) {
+        if self.is_duplicate(key, now) {
             return Ok(true);
         }
-        tx.prepare_cached("INSERT INTO dedup (key, seen_at) VALUES (?1, ?2)")?
-            .execute(params![&key[..16], now])?;
-        self.staged.insert(id, now);
+        self.arm(tx, key, now, None)?;
         Ok(false)
+    }
+
+    /// QoS 0 records `first..=last` were evicted in `tx`: the keys they armed no longer stand
+    /// for a journaled copy.
+    pub(super) fn disarm_records(
+        &mut self,
+        tx: &Transaction<'_>,
+        first: u64,
+        last: u64,
+    ) -> rusqlite::Result<()> {
+        let armed: Vec<(Vec<u8>, i64)> = tx
+            .prepare_cached("SELECT key, seen_at FROM dedup WHERE record_seq BETWEEN ?1 AND ?2")?
+            .query_map([first as i64, last as i64], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        for (key, seen_at) in armed {
+            let Ok(key) = <[u8; 16]>::try_from(key.as_slice()) else {
+                continue;
+            };
+            let id = u128::from_be_bytes(key);
+            if self.staged.get(&id) == Some(&seen_at) {
+                self.staged.remove(&id);
+            }
+            self.forget.push((id, seen_at));
+        }
+        tx.prepare_cached("DELETE FROM dedup WHERE record_seq BETWEEN ?1 AND ?2")?
+            .execute([first as i64, last as i64])?;
+        Ok(())
     }
 
     /// Deletes expired rows (and, past `max_keys`, the oldest live ones) within `tx`.

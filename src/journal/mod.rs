@@ -5,26 +5,40 @@
 //!
 //! - **Acknowledge after commit.** `Journal::append` resolves only after the transaction holding
 //!   the row committed with the configured `synchronous` level (FULL by default, so a PUBACKed
-//!   message survives power loss).
+//!   message survives power loss). A failed transaction answers each of its commands with the
+//!   error; no failure is ever reported as a success of any kind.
 //! - **Group commit.** One OS thread (`journal-writer`) owns the write connection. Each turn it
 //!   blocks for one command, takes every command already queued (up to `commitMaxMessages`,
 //!   optionally waiting `commitMaxDelayMs` for more) and runs them in one transaction. Under load
 //!   many messages share one fsync; idle, a lone message is committed at once.
-//! - **Nothing blocks the reactor.** Writes go through the writer thread over a bounded channel;
-//!   reads (`JournalReader`) use their own connection inside `spawn_blocking`.
+//! - **Nothing blocks the reactor.** Writes go through the writer thread over a channel bounded
+//!   in commands (`COMMAND_QUEUE`) and in bytes (`QUEUE_BYTES`: a sender waits for room, so
+//!   256 KiB packets cannot pile up GiBs); reads (`JournalReader`) use their own connection
+//!   inside `spawn_blocking`.
 //! - **Release only on confirmation.** Rows are deleted only by `Command::Confirm` (the sink
-//!   confirmed the batch that holds them) or moved to `dead_letter` with a reason. Never silently.
+//!   confirmed the batch that holds them), moved to `dead_letter` with a reason (a record no
+//!   batch can hold; a batch the upstream refuses every time), or, QoS 0 only, evicted when the
+//!   journal is full (counted). Never silently.
 //! - **Checkpoints off the commit path.** A `journal-checkpoint` thread folds the WAL back into
-//!   the database every `CHECKPOINT_EVERY` (PASSIVE: it never blocks the writer), so commits
-//!   never pay for it and pages rewritten within the interval are copied once.
+//!   the database (PASSIVE: it never blocks the writer), so commits never pay for it.
 //! - **One writer per file.** `Journal::open` takes an exclusive lock on `<path>.lock`.
 //! - **Bounded disk.** Records are charged their payload, topic and client id plus 64 bytes
 //!   against `journal.maxBytes`. When an append would pass it, the oldest QoS 0 records the
 //!   batcher has not reserved (`Journal::reserve`, in the writer's order, so a record is either
-//!   evicted or batched, never both) are evicted; if none is left, the append is refused with
-//!   `JournalError::Full`. A QoS 1/2 record (acknowledged to its agent) is never evicted.
-//! - **Corruption is loud.** A file that fails `quick_check` is renamed to
-//!   `<path>.corrupt-<ms>` and reported at error level; the gateway then starts a new journal.
+//!   evicted or batched, never both) are evicted, and the dedup keys they armed are disarmed; if
+//!   none is left, the append is refused with `JournalError::Full`. A QoS 1/2 record
+//!   (acknowledged to its agent) is never evicted.
+//! - **Fast start, whatever the backlog.** Start-up reads a few rows: the live row and byte
+//!   counts are kept in `state`. After a clean stop (`state.clean_shutdown`) the file is not
+//!   scanned; after a crash a full `quick_check` runs in the background (`integrity.rs`), not
+//!   before agents are served. At any time, SQLite reporting corruption to the writer counts as
+//!   the check failing.
+//! - **Quarantine only for corruption.** A file SQLite reports as corrupt or not a database is
+//!   renamed to `<path>.corrupt-<ms>` and reported at error level; the gateway then starts a new
+//!   journal. Any other open failure (permissions, I/O) fails the start naming the file and the
+//!   cause, and leaves the file untouched. Corruption found later (background check, or an error
+//!   the writer gets) is recorded in `<path>.needs-check` and ends the process (non-zero); the
+//!   next start checks the file in full before using it.
 //!
 //! # Schema (see `schema.rs`)
 //!
@@ -32,9 +46,11 @@
 //! records     (seq PK autoincrement, received_at, client_id, topic, qos, payload,
 //!              content_type, user_properties, expires_at, stream, priority, size)
 //! batches     (batch_seq PK, sink, first_seq, last_seq, record_count, created_at, payload)
-//! dedup       (seq PK, key = sha256(topic 0x00 payload)[..16], seen_at), in arrival order
-//! dead_letter (seq PK, ..., reason, moved_at)
-//! state       (name PK, value): next_batch_seq, batched_through
+//! dedup       (seq PK, key = dedup_key(agent, topic, payload)[..16], seen_at, record_seq)
+//!              in arrival order; record_seq names the QoS 0 record a key armed
+//! dead_letter (seq PK, received_at, client_id, topic, qos, payload, reason, moved_at,
+//!              content_type, user_properties, expires_at, size, batch_seq)
+//! state       (name PK, value): next_batch_seq, batched_through, rows, bytes, clean_shutdown
 //! ```
 //!
 //! # Invariants
@@ -43,14 +59,23 @@
 //! - Every record with `seq <= batched_through` belongs to exactly one row of `batches`, or has
 //!   been released (its batch confirmed) or dead-lettered.
 //! - `batch_seq` is never reused; an unconfirmed batch keeps its seq and its exact payload across
-//!   retries and restarts, so the cloud can deduplicate by (gateway, batch_seq).
+//!   retries and restarts, so the cloud can deduplicate by (gateway, batch_seq). The one
+//!   exception: a batch larger than the current sink's payload limit (sealed for another sink)
+//!   is re-batched under new batch seqs (`Journal::reseal`); its records keep their `seq`.
+//! - `state.rows` and `state.bytes` equal `COUNT(*)` and `SUM(size)` of `records`, updated in
+//!   the transaction that changes them.
 //!
 //! # Recovery
 //!
-//! Start-up needs no replay: committed rows are the state. Unconfirmed `batches` are re-sent
-//! first, then batching resumes after `batched_through`.
+//! Start-up needs no replay: committed rows are the state. Unconfirmed `batches`, whichever sink
+//! sealed them, are re-sent first (`Journal::adopt` hands them to the current sink), then
+//! batching resumes after `batched_through`.
 
+mod checkpoint;
+mod dead_letters;
 mod dedup;
+mod integrity;
+mod quota;
 mod reader;
 mod schema;
 mod writer;
@@ -60,16 +85,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
 use crate::config::{JournalConfig, Synchronous};
 use crate::record::Record;
 
+pub use dead_letters::{DeadLetter, RetrySelection, list_dead_letters, retry_dead_letters};
+pub use integrity::Health;
 pub use reader::{BatcherState, JournalReader, StoredBatch};
 pub use writer::WriterGuard;
 
 /// Commands queued to the writer thread at most; senders wait beyond it (backpressure).
 const COMMAND_QUEUE: usize = 16 * 1024;
+/// Record bytes (as `accounted_size` charges them) queued to the writer at most, including the
+/// group being committed; senders wait beyond it.
+const QUEUE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Why a journal operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -87,6 +117,10 @@ pub enum JournalError {
     /// The journal directory or lock file could not be created.
     #[error("journal {path}: {reason}")]
     Io { path: PathBuf, reason: String },
+    /// The journal file exists but cannot be opened for a reason other than corruption
+    /// (permissions, I/O error, a directory in its place). It was left untouched.
+    #[error("cannot open journal {path}: {reason} (the file was left untouched)")]
+    Open { path: PathBuf, reason: String },
     /// `journal.maxBytes` is reached and nothing may be evicted: the message is refused (not
     /// stored). Transient: room returns as the upstream confirms batches.
     #[error("journal is full (journal.maxBytes = {max_bytes})")]
@@ -102,12 +136,13 @@ impl From<rusqlite::Error> for JournalError {
     }
 }
 
-/// What happened to an appended record.
+/// What happened to an appended record that the journal accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Appended {
     /// Committed with this journal sequence number.
     Journaled(u64),
-    /// Its dedup key was seen within the window: acknowledged, not stored again.
+    /// The same agent sent the same topic and payload within the dedup window, and that earlier
+    /// copy is journaled or was delivered: acknowledged, not stored again.
     Duplicate,
 }
 
@@ -123,11 +158,26 @@ pub struct SealedBatch {
     pub payload: Bytes,
 }
 
-/// What confirming a batch released.
+/// What confirming (or dead-lettering) a batch released.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Released {
     pub rows: u64,
     pub bytes: u64,
+}
+
+/// What `Journal::adopt` found: unconfirmed batches sealed for other sinks, now the current
+/// sink's, and how many of all unconfirmed batches exceed its payload limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Adoption {
+    /// (the sink they were sealed for, how many), for every other sink.
+    pub from_other_sinks: Vec<(String, u64)>,
+    /// Unconfirmed batches (of any sink) larger than the current sink's payload limit: they are
+    /// re-batched before sending.
+    pub oversized: u64,
+    /// Unconfirmed batches in all.
+    pub batches: u64,
+    /// Records in the journal (batched or not).
+    pub records: u64,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, JournalError>>;
@@ -136,11 +186,18 @@ type Reply<T> = oneshot::Sender<Result<T, JournalError>>;
 enum Command {
     Append {
         record: Record,
-        dedup_key: Option<[u8; 32]>,
+        dedup_key: Option<DedupKey>,
         reply: Option<Reply<Appended>>,
+        /// This record's share of `QUEUE_BYTES`, returned once its group is answered.
+        _queued: OwnedSemaphorePermit,
     },
     Seal {
         batch: SealedBatch,
+        reply: Reply<()>,
+    },
+    Reseal {
+        old_batch_seq: u64,
+        batches: Vec<SealedBatch>,
         reply: Reply<()>,
     },
     Confirm {
@@ -152,10 +209,20 @@ enum Command {
         reason: String,
         reply: Reply<()>,
     },
+    DeadLetterBatch {
+        batch_seq: u64,
+        reason: String,
+        reply: Reply<Released>,
+    },
     Reserve {
         first: u64,
         last: u64,
         reply: Reply<Vec<u64>>,
+    },
+    Adopt {
+        sink: String,
+        max_payload: u64,
+        reply: Reply<Adoption>,
     },
 }
 
@@ -163,10 +230,13 @@ enum Command {
 #[derive(Clone)]
 pub struct Journal {
     commands: mpsc::Sender<Command>,
+    queue_bytes: Arc<Semaphore>,
     committed: watch::Receiver<u64>,
+    health: watch::Receiver<Health>,
 }
 
-/// Opens (creating or migrating) the journal, and starts its writer thread.
+/// Opens (creating or migrating) the journal, and starts its writer thread and the background
+/// integrity check.
 ///
 /// Returns the write handle, a reader for the batcher, and the guard that joins the writer
 /// thread once every `Journal` handle is dropped.
@@ -187,13 +257,11 @@ fn open_with_page_limit(
         })?;
     }
     let lock = lock_file(&path)?;
-    quarantine_if_corrupt(&path);
-    let mut conn = connect(&path, config.synchronous)?;
+    let mut conn = integrity::open_checked(&path, |p| connect(p, config.synchronous))?;
     schema::migrate(&mut conn)?;
     if let Some(pages) = max_pages {
         conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))?;
     }
-    let reader = JournalReader::open(&path)?;
     let last_seq: u64 = conn.query_row(
         "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'records'), 0)",
         [],
@@ -201,14 +269,28 @@ fn open_with_page_limit(
     )?;
     let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
     let (committed_tx, committed_rx) = watch::channel(last_seq);
+    let clean = integrity::take_clean_shutdown(&conn)?;
+    let (health_tx, health_rx) = watch::channel(Health::Unchecked);
+    let health_tx = Arc::new(health_tx);
+    let reader = JournalReader::open(&path, health_tx.clone())?;
     let guard = writer::spawn(
-        writer::Writer::new(conn, commands_rx, committed_tx, config, lock)?,
+        writer::Writer::new(
+            conn,
+            commands_rx,
+            committed_tx,
+            config,
+            lock,
+            health_tx.clone(),
+        )?,
         &path,
+        (!clean).then_some(health_tx),
     )?;
     Ok((
         Journal {
             commands: commands_tx,
+            queue_bytes: Arc::new(Semaphore::new(QUEUE_BYTES)),
             committed: committed_rx,
+            health: health_rx,
         },
         reader,
         guard,
@@ -221,15 +303,10 @@ impl Journal {
     pub async fn append(
         &self,
         record: Record,
-        dedup_key: Option<[u8; 32]>,
+        dedup_key: Option<DedupKey>,
     ) -> Result<oneshot::Receiver<Result<Appended, JournalError>>, JournalError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Append {
-            record,
-            dedup_key,
-            reply: Some(reply),
-        })
-        .await?;
+        self.send_append(record, dedup_key, Some(reply)).await?;
         Ok(rx)
     }
 
@@ -237,50 +314,117 @@ impl Journal {
     pub async fn append_unacknowledged(
         &self,
         record: Record,
-        dedup_key: Option<[u8; 32]>,
+        dedup_key: Option<DedupKey>,
     ) -> Result<(), JournalError> {
+        self.send_append(record, dedup_key, None).await
+    }
+
+    async fn send_append(
+        &self,
+        record: Record,
+        dedup_key: Option<DedupKey>,
+        reply: Option<Reply<Appended>>,
+    ) -> Result<(), JournalError> {
+        let bytes = (writer::accounted_size(&record) as usize).min(QUEUE_BYTES);
+        let queued = self
+            .queue_bytes
+            .clone()
+            .acquire_many_owned(bytes as u32)
+            .await
+            .map_err(|_| JournalError::Closed)?;
         self.send(Command::Append {
             record,
             dedup_key,
-            reply: None,
+            reply,
+            _queued: queued,
         })
         .await
     }
 
     /// Records a sealed batch (and advances `batched_through`); returns once committed.
     pub async fn seal(&self, batch: SealedBatch) -> Result<(), JournalError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Command::Seal { batch, reply }).await?;
-        rx.await.map_err(|_| JournalError::Closed)?
+        self.request(|reply| Command::Seal { batch, reply }).await
+    }
+
+    /// Replaces unconfirmed batch `old_batch_seq` by `batches`, which hold exactly its records
+    /// (re-batched to fit a smaller payload limit), in one transaction.
+    pub async fn reseal(
+        &self,
+        old_batch_seq: u64,
+        batches: Vec<SealedBatch>,
+    ) -> Result<(), JournalError> {
+        self.request(|reply| Command::Reseal {
+            old_batch_seq,
+            batches,
+            reply,
+        })
+        .await
     }
 
     /// The sink confirmed `batch_seq`: deletes its rows and the batch; returns once committed.
     pub async fn confirm(&self, batch_seq: u64) -> Result<Released, JournalError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Command::Confirm { batch_seq, reply }).await?;
-        rx.await.map_err(|_| JournalError::Closed)?
+        self.request(|reply| Command::Confirm { batch_seq, reply })
+            .await
     }
 
     /// Moves a record that can never be delivered to `dead_letter`, with the reason.
     pub async fn dead_letter(&self, seq: u64, reason: String) -> Result<(), JournalError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Command::DeadLetter { seq, reason, reply })
-            .await?;
-        rx.await.map_err(|_| JournalError::Closed)?
+        self.request(|reply| Command::DeadLetter { seq, reason, reply })
+            .await
+    }
+
+    /// Moves every record of a batch the upstream will not take to `dead_letter` (with the
+    /// reason and the batch seq), and forgets the batch.
+    pub async fn dead_letter_batch(
+        &self,
+        batch_seq: u64,
+        reason: String,
+    ) -> Result<Released, JournalError> {
+        self.request(|reply| Command::DeadLetterBatch {
+            batch_seq,
+            reason,
+            reply,
+        })
+        .await
     }
 
     /// The batcher has read records `first..=last`: from now on none of them may be evicted.
     /// Returns the QoS 0 seqs of that range still present; any other QoS 0 record the batcher
     /// read was evicted meanwhile and must not be batched.
     pub async fn reserve(&self, first: u64, last: u64) -> Result<Vec<u64>, JournalError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Command::Reserve { first, last, reply }).await?;
-        rx.await.map_err(|_| JournalError::Closed)?
+        self.request(|reply| Command::Reserve { first, last, reply })
+            .await
+    }
+
+    /// Makes every unconfirmed batch the current `sink`'s, whichever sink sealed it, and counts
+    /// those larger than `max_payload` (they must be re-batched before sending).
+    pub async fn adopt(&self, sink: &str, max_payload: u64) -> Result<Adoption, JournalError> {
+        let sink = sink.to_string();
+        self.request(|reply| Command::Adopt {
+            sink,
+            max_payload,
+            reply,
+        })
+        .await
     }
 
     /// A watch of the highest committed journal sequence number.
     pub fn committed(&self) -> watch::Receiver<u64> {
         self.committed.clone()
+    }
+
+    /// A watch of the background integrity check's verdict.
+    pub fn health(&self) -> watch::Receiver<Health> {
+        self.health.clone()
+    }
+
+    async fn request<T>(
+        &self,
+        command: impl FnOnce(Reply<T>) -> Command,
+    ) -> Result<T, JournalError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(command(reply)).await?;
+        rx.await.map_err(|_| JournalError::Closed)?
     }
 
     async fn send(&self, command: Command) -> Result<(), JournalError> {
@@ -291,18 +435,24 @@ impl Journal {
     }
 }
 
-/// The dedup key of a message: SHA-256 over topic, a zero byte, and payload.
-pub fn dedup_key(topic: &str, payload: &[u8]) -> [u8; 32] {
+/// A message's dedup key (see `dedup_key`).
+pub type DedupKey = [u8; 32];
+
+/// The dedup key of a message: SHA-256 over the publishing agent, the topic and the payload,
+/// each but the last prefixed by its length, so no two different triples share a key input.
+pub fn dedup_key(agent: &str, topic: &str, payload: &[u8]) -> DedupKey {
     use sha2::{Digest, Sha256};
     let mut hasher = Sha256::new();
-    hasher.update(topic.as_bytes());
-    hasher.update([0u8]);
+    for part in [agent.as_bytes(), topic.as_bytes()] {
+        hasher.update((part.len() as u32).to_be_bytes());
+        hasher.update(part);
+    }
     hasher.update(payload);
     hasher.finalize().into()
 }
 
 /// Opens a connection with the journal's pragmas.
-fn connect(path: &Path, synchronous: Synchronous) -> Result<rusqlite::Connection, JournalError> {
+fn connect(path: &Path, synchronous: Synchronous) -> Result<rusqlite::Connection, rusqlite::Error> {
     let conn = rusqlite::Connection::open(path)?;
     // A TRUNCATE checkpoint may hold the write lock for a while; the writer waits (on its own
     // thread) rather than failing a group of messages.
@@ -314,17 +464,22 @@ fn connect(path: &Path, synchronous: Synchronous) -> Result<rusqlite::Connection
     conn.pragma_update(None, "synchronous", synchronous.pragma())?;
     // 16 MiB page cache: the B-trees being appended to stay in memory.
     conn.pragma_update(None, "cache_size", -16_384)?;
-    // Checkpoints run on their own thread (`writer::spawn`), not inside commits.
+    // Checkpoints run on their own thread (`checkpoint.rs`), not inside commits.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     // Once the WAL restarts, it is truncated back to this size rather than left at its peak.
     conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     Ok(conn)
 }
 
+/// `<path><suffix>`, e.g. `journal.db.lock`.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
 fn lock_file(path: &Path) -> Result<std::fs::File, JournalError> {
-    let mut lock_path = path.as_os_str().to_owned();
-    lock_path.push(".lock");
-    let lock_path = PathBuf::from(lock_path);
+    let lock_path = sibling(path, ".lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -341,48 +496,6 @@ fn lock_file(path: &Path) -> Result<std::fs::File, JournalError> {
             path: lock_path,
             reason: e.to_string(),
         }),
-    }
-}
-
-/// Renames a journal that SQLite cannot read or that fails `quick_check`, keeping it for an
-/// operator, and says so at error level. Never deletes it.
-fn quarantine_if_corrupt(path: &Path) {
-    if !path.exists() {
-        return;
-    }
-    let verdict = rusqlite::Connection::open(path)
-        .and_then(|conn| conn.query_row("PRAGMA quick_check", [], |row| row.get::<_, String>(0)));
-    let problem = match verdict {
-        Ok(ok) if ok == "ok" => return,
-        Ok(report) => report,
-        Err(e) => e.to_string(),
-    };
-    let mut target = path.as_os_str().to_owned();
-    target.push(format!(".corrupt-{}", crate::record::now_ms()));
-    let target = PathBuf::from(target);
-    metrics::counter!(crate::telemetry::JOURNAL_QUARANTINED).increment(1);
-    match std::fs::rename(path, &target) {
-        Ok(()) => {
-            for suffix in ["-wal", "-shm"] {
-                let mut from = path.as_os_str().to_owned();
-                from.push(suffix);
-                let mut to = target.as_os_str().to_owned();
-                to.push(suffix);
-                let _ = std::fs::rename(from, to);
-            }
-            tracing::error!(
-                journal = %path.display(),
-                quarantined = %target.display(),
-                problem,
-                "Journal is corrupt; moved it aside and starting a new one. Its contents were NOT delivered."
-            )
-        }
-        Err(e) => tracing::error!(
-            journal = %path.display(),
-            problem,
-            error = %e,
-            "Journal is corrupt and could not be moved aside."
-        ),
     }
 }
 

@@ -9,7 +9,10 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use rusqlite::{Connection, OpenFlags, params};
 
+use tokio::sync::watch;
+
 use super::JournalError;
+use super::integrity::{self, Health};
 use crate::record::{JournaledRecord, Record, RecordProperties};
 
 /// Where batching stands, as committed.
@@ -30,15 +33,62 @@ pub struct StoredBatch {
     pub payload: Bytes,
 }
 
+/// The columns `record_from_row` reads, in its order.
+const SELECT_RECORDS: &str =
+    "SELECT seq, received_at, client_id, topic, qos, payload, content_type,
+        user_properties, expires_at FROM records";
+
+/// Reads rows of `SELECT_RECORDS`: all of them and, past the first, at most `max_raw_bytes` of
+/// payload.
+fn collect_records(
+    mut rows: rusqlite::Rows<'_>,
+    max_raw_bytes: usize,
+) -> rusqlite::Result<Vec<JournaledRecord>> {
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    while let Some(row) = rows.next()? {
+        let payload: Vec<u8> = row.get(5)?;
+        if !out.is_empty() && bytes + payload.len() > max_raw_bytes {
+            break;
+        }
+        bytes += payload.len();
+        let user_properties: Option<String> = row.get(7)?;
+        out.push(JournaledRecord {
+            seq: row.get::<_, i64>(0)? as u64,
+            record: Record {
+                received_at_ms: row.get(1)?,
+                client_id: row.get(2)?,
+                topic: row.get(3)?,
+                qos: row.get(4)?,
+                payload: payload.into(),
+                properties: RecordProperties {
+                    content_type: row.get(6)?,
+                    user_properties: user_properties
+                        .and_then(|json| serde_json::from_str(&json).ok())
+                        .unwrap_or_default(),
+                    expires_at_ms: row.get(8)?,
+                },
+            },
+        });
+    }
+    Ok(out)
+}
+
 /// Clonable read handle. The `std::sync::Mutex` is only taken inside `spawn_blocking`, never
 /// across an `.await`.
 #[derive(Clone)]
 pub struct JournalReader {
     conn: Arc<Mutex<Connection>>,
+    /// Corruption a read runs into is reported here, as the writer's is.
+    health: Arc<watch::Sender<Health>>,
+    path: Arc<std::path::PathBuf>,
 }
 
 impl JournalReader {
-    pub(super) fn open(path: &Path) -> Result<Self, JournalError> {
+    pub(super) fn open(
+        path: &Path,
+        health: Arc<watch::Sender<Health>>,
+    ) -> Result<Self, JournalError> {
         let conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -47,6 +97,8 @@ impl JournalReader {
         conn.pragma_update(None, "cache_size", -16_384)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
+            health,
+            path: Arc::new(path.to_owned()),
         })
     }
 
@@ -55,13 +107,18 @@ impl JournalReader {
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, JournalError> {
         let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
+        let result = tokio::task::spawn_blocking(move || {
             let conn = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             f(&conn)
         })
         .await
-        .map_err(|_| JournalError::Closed)?
-        .map_err(JournalError::from)
+        .map_err(|_| JournalError::Closed)?;
+        if let Err(e) = &result
+            && integrity::is_corruption(e)
+        {
+            integrity::report_corruption(&self.path, e.to_string(), &self.health);
+        }
+        result.map_err(JournalError::from)
     }
 
     /// Committed records with `seq > after`, in seq order: at most `limit` records and, past the
@@ -73,53 +130,47 @@ impl JournalReader {
         max_raw_bytes: usize,
     ) -> Result<Vec<JournaledRecord>, JournalError> {
         self.with(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT seq, received_at, client_id, topic, qos, payload, content_type,
-                        user_properties, expires_at
-                 FROM records WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )?;
-            let mut rows = stmt.query(params![after as i64, limit as i64])?;
-            let mut out = Vec::new();
-            let mut bytes = 0usize;
-            while let Some(row) = rows.next()? {
-                let payload: Vec<u8> = row.get(5)?;
-                if !out.is_empty() && bytes + payload.len() > max_raw_bytes {
-                    break;
-                }
-                bytes += payload.len();
-                let user_properties: Option<String> = row.get(7)?;
-                out.push(JournaledRecord {
-                    seq: row.get::<_, i64>(0)? as u64,
-                    record: Record {
-                        received_at_ms: row.get(1)?,
-                        client_id: row.get(2)?,
-                        topic: row.get(3)?,
-                        qos: row.get(4)?,
-                        payload: payload.into(),
-                        properties: RecordProperties {
-                            content_type: row.get(6)?,
-                            user_properties: user_properties
-                                .and_then(|json| serde_json::from_str(&json).ok())
-                                .unwrap_or_default(),
-                            expires_at_ms: row.get(8)?,
-                        },
-                    },
-                });
-            }
-            Ok(out)
+            let mut stmt = conn.prepare_cached(&format!(
+                "{SELECT_RECORDS} WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+            ))?;
+            let rows = stmt.query(params![after as i64, limit as i64])?;
+            collect_records(rows, max_raw_bytes)
         })
         .await
     }
 
-    /// Sealed batches for `sink` not yet confirmed, oldest first.
-    pub async fn unconfirmed_batches(&self, sink: &str) -> Result<Vec<StoredBatch>, JournalError> {
-        let sink = sink.to_string();
+    /// The records of `first..=last` still in the journal, in seq order.
+    pub async fn records_between(
+        &self,
+        first: u64,
+        last: u64,
+    ) -> Result<Vec<JournaledRecord>, JournalError> {
         self.with(move |conn| {
-            let mut stmt = conn.prepare(
+            let mut stmt = conn.prepare_cached(&format!(
+                "{SELECT_RECORDS} WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq"
+            ))?;
+            let rows = stmt.query(params![first as i64, last as i64])?;
+            collect_records(rows, usize::MAX)
+        })
+        .await
+    }
+
+    /// Sealed, unconfirmed batches with `after < batch_seq < before`, oldest first, at most
+    /// `limit`.
+    pub async fn unconfirmed_batches(
+        &self,
+        after: u64,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredBatch>, JournalError> {
+        self.with(move |conn| {
+            let mut stmt = conn.prepare_cached(
                 "SELECT batch_seq, first_seq, last_seq, record_count, payload
-                 FROM batches WHERE sink = ?1 ORDER BY batch_seq",
+                 FROM batches WHERE batch_seq > ?1 AND batch_seq < ?2
+                 ORDER BY batch_seq LIMIT ?3",
             )?;
-            let rows = stmt.query_map([sink], |row| {
+            let before = before.min(i64::MAX as u64) as i64;
+            let rows = stmt.query_map(params![after as i64, before, limit as i64], |row| {
                 Ok(StoredBatch {
                     batch_seq: row.get::<_, i64>(0)? as u64,
                     first_seq: row.get::<_, i64>(1)? as u64,

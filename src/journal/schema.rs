@@ -64,6 +64,22 @@ const MIGRATIONS: &[&str] = &[
     );
     INSERT INTO state (name, value) VALUES ('next_batch_seq', 1), ('batched_through', 0);
     ",
+    // 2: dedup keys name the QoS 0 record they armed (so evicting it disarms them); dead
+    // letters keep everything needed to resend them and the batch they left; live row and byte
+    // counters are kept in `state`, so a start-up never counts a large backlog.
+    "
+    ALTER TABLE dedup ADD COLUMN record_seq INTEGER; -- the QoS 0 record this key armed, or NULL
+    CREATE INDEX dedup_by_record ON dedup (record_seq) WHERE record_seq IS NOT NULL;
+    ALTER TABLE dead_letter ADD COLUMN content_type TEXT;
+    ALTER TABLE dead_letter ADD COLUMN user_properties TEXT;
+    ALTER TABLE dead_letter ADD COLUMN expires_at INTEGER;
+    ALTER TABLE dead_letter ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE dead_letter ADD COLUMN batch_seq INTEGER; -- the batch it was in, or NULL
+    INSERT INTO state (name, value) SELECT 'rows', COUNT(*) FROM records;
+    INSERT INTO state (name, value) SELECT 'bytes', COALESCE(SUM(size), 0) FROM records;
+    -- 1 while the journal is closed after a clean stop; set to 0 by every start.
+    INSERT INTO state (name, value) VALUES ('clean_shutdown', 0);
+    ",
 ];
 
 /// The schema version this build writes.

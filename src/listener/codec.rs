@@ -18,6 +18,15 @@ pub enum Protocol {
     V5,
 }
 
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::V311 => "3.1.1",
+            Protocol::V5 => "5",
+        })
+    }
+}
+
 /// What a CONNECT asked for, whatever its version.
 #[derive(Debug, Clone)]
 pub struct ConnectRequest {
@@ -140,6 +149,23 @@ pub enum DisconnectReason {
     SessionTakenOver,
     ServerShuttingDown,
     UnspecifiedError,
+}
+
+impl std::fmt::Display for DisconnectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::MalformedPacket => "malformed packet",
+            Self::ProtocolError => "protocol error",
+            Self::TopicNameInvalid => "topic name invalid",
+            Self::TopicAliasInvalid => "topic alias invalid",
+            Self::PacketTooLarge => "packet too large",
+            Self::QuotaExceeded => "quota exceeded",
+            Self::KeepAliveTimeout => "keep-alive timeout",
+            Self::SessionTakenOver => "session taken over",
+            Self::ServerShuttingDown => "server shutting down",
+            Self::UnspecifiedError => "unspecified error",
+        })
+    }
 }
 
 /// A packet the gateway sends.

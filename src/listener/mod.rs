@@ -5,7 +5,8 @@
 //! - The accept loop never dies: accept errors are logged, counted and backed off.
 //! - A connection's failure stays inside its task; other agents are unaffected.
 //! - On shutdown the loop stops accepting, every session acknowledges what it committed and
-//!   closes, and `run` returns once all of them have ended.
+//!   closes, and `run` returns once all of them have ended, or after `SHUTDOWN_BOUND` at most
+//!   (sessions still open then are aborted: their agents resend what was not acknowledged).
 //!
 //! Only this module (with `codec`) knows MQTT packets; it hands the journal `Record`s.
 
@@ -33,6 +34,8 @@ pub struct Settings {
     pub max_packet_size: usize,
     pub max_inflight: usize,
     pub connect_timeout: Duration,
+    /// How long one write to an agent may make no progress.
+    pub write_timeout: Duration,
     /// Messages larger than a batch can hold are refused at ingest.
     pub batch_max_bytes: usize,
     pub batch_budget: crate::envelope::Budget,
@@ -46,6 +49,7 @@ impl Settings {
             max_packet_size: listener.max_packet_size.get() as usize,
             max_inflight: listener.max_inflight.get() as usize,
             connect_timeout: Duration::from_millis(listener.connect_timeout_ms.get()),
+            write_timeout: Duration::from_millis(listener.write_timeout_ms.get()),
             batch_max_bytes: config.batch.max_bytes.get() as usize,
             batch_budget: crate::envelope::Budget::new(
                 config.batch.max_bytes.get() as usize,
@@ -56,6 +60,10 @@ impl Settings {
         }
     }
 }
+
+/// How long `run` waits for sessions to close after shutdown began; a session closes within
+/// its own `CLOSE_GRACE`, so this is only the backstop.
+const SHUTDOWN_BOUND: Duration = Duration::from_secs(8);
 
 /// A bound listener, ready to serve.
 pub struct Listener {
@@ -109,7 +117,17 @@ impl Listener {
             }
         }
         drop(self.socket);
-        while sessions.join_next().await.is_some() {}
+        let all_closed = async { while sessions.join_next().await.is_some() {} };
+        if tokio::time::timeout(SHUTDOWN_BOUND, all_closed)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                sessions = sessions.len(),
+                "Agent sessions did not close in time; aborting them."
+            );
+            sessions.shutdown().await;
+        }
     }
 }
 

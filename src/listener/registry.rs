@@ -1,18 +1,29 @@
 //! The registry of agent sessions: who is connected, session take-over, persistent session
 //! state, and delivery to a connected agent.
 //!
-//! Guarantees: at most one live connection per client id; when a second one connects, the first
-//! is told to close and hands its session state over before the second is acknowledged.
+//! Guarantees:
+//! - At most one live connection per client id; when a second one connects, the first is told
+//!   to close and hands its session state over before the second is acknowledged.
+//! - Stored sessions are bounded: each expires (`sessions.expirySecs` for MQTT 3.1.1, the
+//!   agent's Session Expiry Interval capped by it for MQTT 5), and past `sessions.maxStored` the
+//!   one closest to expiry is discarded. Both are counted. Sessions live in memory only: a
+//!   gateway restart ends them (what agents published is in the journal regardless).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
 
-/// Deliveries queued to one connection at most; `deliver` refuses beyond it.
+use crate::config::SessionsConfig;
+use crate::telemetry;
+
+/// Deliveries queued to one connection at most; `deliver` refuses beyond it...
 pub const DELIVERY_QUEUE: usize = 1024;
+/// ...and payload bytes queued to one connection at most.
+pub const DELIVERY_QUEUE_BYTES: usize = 16 * 1024 * 1024;
 /// How long a new connection waits for the one it takes over to hand its session over.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 
@@ -52,22 +63,73 @@ pub type Takeover = oneshot::Sender<SessionState>;
 struct Live {
     conn_id: u64,
     takeover: Option<oneshot::Sender<Takeover>>,
-    deliveries: mpsc::Sender<Delivery>,
+    deliveries: mpsc::Sender<Queued>,
+    /// `DELIVERY_QUEUE_BYTES` for this connection; each queued delivery holds its share.
+    queue_bytes: std::sync::Arc<Semaphore>,
+}
+
+/// A delivery waiting in a connection's queue, holding its share of the queue's bytes until the
+/// session takes it.
+pub struct Queued {
+    pub delivery: Delivery,
+    _bytes: OwnedSemaphorePermit,
+}
+
+/// A stored session and its place in `Inner::expiry`.
+struct Stored {
+    state: SessionState,
+    key: (Instant, u64),
 }
 
 #[derive(Default)]
 struct Inner {
     live: HashMap<String, Live>,
-    /// Persistent sessions of agents not connected now.
-    stored: HashMap<String, SessionState>,
+    /// Persistent sessions of agents not connected now...
+    stored: HashMap<String, Stored>,
+    /// ...ordered by when they expire (ties broken by a serial number).
+    expiry: BTreeMap<(Instant, u64), String>,
     next_conn_id: u64,
+    next_serial: u64,
+}
+
+impl Inner {
+    fn take_stored(&mut self, client_id: &str) -> Option<SessionState> {
+        let stored = self.stored.remove(client_id)?;
+        self.expiry.remove(&stored.key);
+        Some(stored.state)
+    }
+
+    /// Discards expired sessions, then the soonest-expiring ones past `max_stored`.
+    fn prune(&mut self, max_stored: usize, now: Instant) {
+        while let Some(entry) = self.expiry.first_entry() {
+            let reason = if entry.key().0 <= now {
+                "expired"
+            } else if self.stored.len() > max_stored {
+                "over_max_stored"
+            } else {
+                break;
+            };
+            let client_id = entry.remove();
+            self.stored.remove(&client_id);
+            metrics::counter!(telemetry::SESSIONS_DISCARDED, "reason" => reason).increment(1);
+        }
+        metrics::gauge!(telemetry::SESSIONS_STORED).set(self.stored.len() as f64);
+    }
 }
 
 /// Shared by all listeners. The `std::sync::Mutex` is held only for map updates, never across
 /// an `.await`.
-#[derive(Default)]
 pub struct Registry {
     inner: Mutex<Inner>,
+    max_stored: usize,
+    /// The longest a stored session lives.
+    max_expiry: Duration,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new(&SessionsConfig::default())
+    }
 }
 
 /// What a newly registered connection gets.
@@ -76,10 +138,26 @@ pub struct Registration {
     pub state: SessionState,
     pub session_present: bool,
     pub takeover: oneshot::Receiver<Takeover>,
-    pub deliveries: mpsc::Receiver<Delivery>,
+    pub deliveries: mpsc::Receiver<Queued>,
 }
 
 impl Registry {
+    pub fn new(config: &SessionsConfig) -> Self {
+        Self {
+            inner: Mutex::new(Inner::default()),
+            max_stored: config.max_stored.get() as usize,
+            max_expiry: Duration::from_secs(config.expiry_secs.get()),
+        }
+    }
+
+    /// How long a session whose agent asked for `requested` (MQTT 5 Session Expiry Interval;
+    /// `None` for 3.1.1) is kept: never longer than `sessions.expirySecs`.
+    pub fn session_lifetime(&self, requested: Option<u32>) -> Duration {
+        requested.map_or(self.max_expiry, |secs| {
+            Duration::from_secs(secs as u64).min(self.max_expiry)
+        })
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -98,6 +176,7 @@ impl Registry {
                     conn_id,
                     takeover: Some(takeover_tx),
                     deliveries: deliver_tx,
+                    queue_bytes: std::sync::Arc::new(Semaphore::new(DELIVERY_QUEUE_BYTES)),
                 },
             );
             (conn_id, previous)
@@ -114,7 +193,11 @@ impl Registry {
                     .and_then(Result::ok);
             }
         }
-        let stored = self.lock().stored.remove(client_id);
+        let stored = {
+            let mut inner = self.lock();
+            inner.prune(self.max_stored, Instant::now());
+            inner.take_stored(client_id)
+        };
         let previous_state = taken.or(stored);
         let session_present = !clean_start && previous_state.is_some();
         let state = if clean_start {
@@ -131,9 +214,14 @@ impl Registry {
         }
     }
 
-    /// Called when a connection ends. Keeps `state` for a persistent session, unless the session
-    /// was handed over to a newer connection.
-    pub fn unregister(&self, client_id: &str, conn_id: u64, state: Option<SessionState>) {
+    /// Called when a connection ends. Keeps `state` for `lifetime` (a persistent session),
+    /// unless the session was handed over to a newer connection.
+    pub fn unregister(
+        &self,
+        client_id: &str,
+        conn_id: u64,
+        state: Option<(SessionState, Duration)>,
+    ) {
         let mut inner = self.lock();
         let ours = inner
             .live
@@ -141,19 +229,95 @@ impl Registry {
             .is_some_and(|live| live.conn_id == conn_id);
         if ours {
             inner.live.remove(client_id);
-            if let Some(state) = state {
-                inner.stored.insert(client_id.to_string(), state);
+            if let Some((state, lifetime)) = state {
+                inner.take_stored(client_id);
+                inner.next_serial += 1;
+                let key = (Instant::now() + lifetime, inner.next_serial);
+                inner.expiry.insert(key, client_id.to_string());
+                inner
+                    .stored
+                    .insert(client_id.to_string(), Stored { state, key });
             }
         }
+        inner.prune(self.max_stored, Instant::now());
+    }
+
+    /// Stored sessions held now.
+    pub fn stored_sessions(&self) -> usize {
+        self.lock().stored.len()
     }
 
     /// Queues a message for a connected agent.
     pub fn deliver(&self, client_id: &str, delivery: Delivery) -> Result<(), DeliverError> {
         let inner = self.lock();
         let live = inner.live.get(client_id).ok_or(DeliverError::Offline)?;
-        live.deliveries.try_send(delivery).map_err(|e| match e {
+        let bytes = (delivery.payload.len() + delivery.topic.len()).clamp(1, DELIVERY_QUEUE_BYTES);
+        let permit = live
+            .queue_bytes
+            .clone()
+            .try_acquire_many_owned(bytes as u32)
+            .map_err(|_| DeliverError::Full)?;
+        let queued = Queued {
+            delivery,
+            _bytes: permit,
+        };
+        live.deliveries.try_send(queued).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => DeliverError::Full,
             mpsc::error::TrySendError::Closed(_) => DeliverError::Offline,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry(max_stored: u64, expiry_secs: u64) -> Registry {
+        Registry::new(&SessionsConfig {
+            max_stored: serde_json::from_value(max_stored.into()).unwrap(),
+            expiry_secs: serde_json::from_value(expiry_secs.into()).unwrap(),
+        })
+    }
+
+    async fn connect_and_leave(registry: &Registry, id: &str, lifetime: Duration) {
+        let registration = registry.register(id, false).await;
+        registry.unregister(
+            id,
+            registration.conn_id,
+            Some((SessionState::default(), lifetime)),
+        );
+    }
+
+    #[tokio::test]
+    async fn stored_sessions_are_bounded_in_number_discarding_the_soonest_to_expire() {
+        let registry = registry(3, 3600);
+        for (i, id) in ["a", "b", "c", "d", "e"].iter().enumerate() {
+            connect_and_leave(&registry, id, Duration::from_secs(100 + i as u64)).await;
+        }
+        assert_eq!(registry.stored_sessions(), 3);
+        // "a" and "b" expired soonest: gone. "e" is still there.
+        assert!(!registry.register("a", false).await.session_present);
+        assert!(registry.register("e", false).await.session_present);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stored_sessions_expire() {
+        let registry = registry(100, 3600);
+        connect_and_leave(&registry, "short", Duration::from_secs(10)).await;
+        connect_and_leave(&registry, "long", Duration::from_secs(1000)).await;
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(!registry.register("short", false).await.session_present);
+        assert!(registry.register("long", false).await.session_present);
+    }
+
+    #[test]
+    fn an_mqtt5_session_expiry_is_capped_by_the_configured_expiry() {
+        let registry = registry(100, 3600);
+        assert_eq!(registry.session_lifetime(None), Duration::from_secs(3600));
+        assert_eq!(registry.session_lifetime(Some(60)), Duration::from_secs(60));
+        assert_eq!(
+            registry.session_lifetime(Some(u32::MAX)),
+            Duration::from_secs(3600)
+        );
     }
 }

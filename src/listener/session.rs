@@ -9,6 +9,9 @@
 //!   closing, messages already received are committed and acknowledged where possible.
 //! - A QoS 2 message is journaled once per packet id until its PUBREL.
 //! - The Will is journaled when the connection ends without a DISCONNECT (or with reason 0x04).
+//! - Every write to the agent makes progress within `writeTimeoutMs`, or the agent is
+//!   disconnected; closing takes at most `CLOSE_GRACE`, whatever the agent does. Messages it
+//!   sent and did not get acknowledged are its own to send again.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -38,6 +41,9 @@ use crate::telemetry;
 const OUTBOUND_WINDOW: usize = 32;
 /// How long closing waits for pending commits so their acknowledgements can still be sent.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// While closing, how long a write to the agent may make no progress (an agent that stopped
+/// reading gets no longer than this, whatever `writeTimeoutMs` says).
+const CLOSE_WRITE_GRACE: Duration = Duration::from_secs(1);
 
 type CommitReceiver = oneshot::Receiver<Result<Appended, JournalError>>;
 
@@ -56,6 +62,8 @@ enum Close {
     Normal { with_will: bool },
     /// The socket closed or failed without DISCONNECT.
     Dropped(String),
+    /// The agent stopped reading: a write made no progress within `writeTimeoutMs`.
+    Stalled(String),
     /// The gateway closed it for a reason the agent is told (MQTT 5).
     Refused(DisconnectReason, String),
     /// A newer connection with the same client id.
@@ -117,11 +125,39 @@ impl Connection {
         codec::write(self.protocol, &packet, &mut self.write_buf);
     }
 
+    /// Writes what is buffered. Each write must make progress within `writeTimeoutMs`: an agent
+    /// that stops reading cannot hold its session (and the gateway's shutdown) forever.
+    /// Cancel-safe: bytes not yet written stay buffered.
     async fn flush(&mut self) -> std::io::Result<()> {
-        if !self.write_buf.is_empty() {
-            let result = self.writer.write_all(&self.write_buf).await;
-            self.write_buf.clear();
-            result?;
+        self.flush_by(None).await
+    }
+
+    /// `flush`, giving up at `deadline` as well, and after `CLOSE_WRITE_GRACE` without
+    /// progress (closing).
+    async fn flush_by(&mut self, deadline: Option<Instant>) -> std::io::Result<()> {
+        let timeout = match deadline {
+            Some(_) => self.settings.write_timeout.min(CLOSE_WRITE_GRACE),
+            None => self.settings.write_timeout,
+        };
+        while !self.write_buf.is_empty() {
+            let limit = deadline.map_or(Instant::now() + timeout, |d| {
+                d.min(Instant::now() + timeout)
+            });
+            match tokio::time::timeout_at(limit, self.writer.write_buf(&mut self.write_buf)).await {
+                Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    metrics::counter!(telemetry::WRITE_TIMEOUTS).increment(1);
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "the agent read nothing for {} ms (writeTimeoutMs)",
+                            timeout.as_millis()
+                        ),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -209,8 +245,11 @@ impl Connection {
         let mut registration = registry.register(&client_id, request.clean_start).await;
         metrics::counter!(telemetry::CONNECTIONS_TOTAL).increment(1);
         metrics::gauge!(telemetry::CONNECTIONS).increment(1.0);
+        telemetry::PROGRESS
+            .agents_connected
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::debug!(
-            protocol = ?request.protocol,
+            protocol = %request.protocol,
             clean_start = request.clean_start,
             keep_alive = request.keep_alive_secs,
             username = request.username.as_deref().unwrap_or(""),
@@ -250,7 +289,9 @@ impl Connection {
         let will_due = match &close {
             Close::Normal { with_will } => *with_will,
             Close::Shutdown => false,
-            Close::Dropped(_) | Close::Refused(..) | Close::TakenOver(_) => true,
+            Close::Dropped(_) | Close::Stalled(_) | Close::Refused(..) | Close::TakenOver(_) => {
+                true
+            }
         };
         if will_due && let Some(will) = session.will.take() {
             self.journal_will(&client_id, will).await;
@@ -262,15 +303,30 @@ impl Connection {
         for (_, delivery) in unacked.into_iter().rev() {
             state.undelivered.push_front(delivery);
         }
-        while let Ok(delivery) = registration.deliveries.try_recv() {
-            state.undelivered.push_back(delivery);
+        while let Ok(queued) = registration.deliveries.try_recv() {
+            state.undelivered.push_back(queued.delivery);
         }
         match &close {
-            Close::Normal { .. } | Close::Shutdown => {
-                tracing::debug!(?close, "Agent disconnected.")
+            Close::Normal { with_will } => {
+                tracing::debug!(will_published = *with_will, "Agent disconnected.")
+            }
+            Close::Shutdown => {
+                tracing::debug!("Agent disconnected: the gateway is shutting down.")
             }
             Close::TakenOver(_) => tracing::info!("Session taken over by a new connection."),
             Close::Dropped(why) => tracing::debug!(reason = %why, "Agent connection dropped."),
+            Close::Stalled(why) => {
+                static LOG: telemetry::Throttle = telemetry::Throttle::new(1_000);
+                metrics::counter!(telemetry::DISCONNECTS, "reason" => "write_timeout").increment(1);
+                if let Some(held_back) = LOG.ready() {
+                    tracing::warn!(
+                        %peer,
+                        why = %why,
+                        similar_not_logged = held_back,
+                        "Disconnected an agent that stopped reading; it resends what was not acknowledged."
+                    );
+                }
+            }
             Close::Refused(DisconnectReason::QuotaExceeded, why) => {
                 // The journal logs "full" at a bounded rate; a line per agent would flood.
                 metrics::counter!(telemetry::DISCONNECTS, "reason" => "QuotaExceeded").increment(1);
@@ -283,7 +339,7 @@ impl Connection {
                 if let Some(held_back) = LOG.ready() {
                     tracing::warn!(
                         %peer,
-                        ?reason,
+                        %reason,
                         why = %why,
                         similar_not_logged = held_back,
                         "Disconnected an agent."
@@ -294,12 +350,23 @@ impl Connection {
         if let Close::TakenOver(handover) = close {
             let _ = handover.send(state);
         } else {
-            // 3.1.1: clean session 0 keeps the session. MQTT 5: only with a non-zero Session
-            // Expiry Interval (absent means the session ends with the connection).
-            let keep = !request.clean_start && request.session_expiry_secs != Some(0);
-            registry.unregister(&client_id, registration.conn_id, keep.then_some(state));
+            // 3.1.1: clean session 0 keeps the session. MQTT 5: a non-zero Session Expiry
+            // Interval does, whatever Clean Start said (absent means it ends with the connection).
+            let keep = match request.protocol {
+                Protocol::V311 => !request.clean_start,
+                Protocol::V5 => request.session_expiry_secs.is_some_and(|secs| secs > 0),
+            };
+            let lifetime = registry.session_lifetime(request.session_expiry_secs);
+            registry.unregister(
+                &client_id,
+                registration.conn_id,
+                keep.then_some((state, lifetime)),
+            );
         }
         metrics::gauge!(telemetry::CONNECTIONS).decrement(1.0);
+        telemetry::PROGRESS
+            .agents_connected
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     async fn event_loop(
@@ -317,8 +384,16 @@ impl Connection {
         }
         let mut last_heard = Instant::now();
         loop {
-            if let Err(e) = self.flush().await {
-                return Close::Dropped(e.to_string());
+            let flushed = tokio::select! {
+                result = self.flush() => result,
+                _ = shutdown.wait() => return Close::Shutdown,
+            };
+            match flushed {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    return Close::Stalled(e.to_string());
+                }
+                Err(e) => return Close::Dropped(e.to_string()),
             }
             let can_read = session.pending.len() < self.settings.max_inflight;
             let can_deliver = session.outbound.len() < session.window;
@@ -337,7 +412,7 @@ impl Connection {
                 _ = shutdown.wait() => Event::Shutdown,
                 Ok(handover) = &mut registration.takeover => Event::Takeover(handover),
                 result = self.reader.read_buf(&mut self.read_buf), if can_read => Event::Read(result),
-                delivery = registration.deliveries.recv(), if can_deliver => Event::Deliver(delivery),
+                queued = registration.deliveries.recv(), if can_deliver => Event::Deliver(queued.map(|q| q.delivery)),
                 _ = sleep_until_opt(expires) => Event::KeepAliveExpired,
             };
             match event {
@@ -389,7 +464,7 @@ impl Connection {
     /// Acknowledges what is still pending (bounded wait), tells an MQTT 5 agent why, and closes.
     async fn finish(&mut self, session: &mut Session, close: Close) -> Close {
         let deadline = Instant::now() + CLOSE_GRACE;
-        let socket_alive = !matches!(close, Close::Dropped(_));
+        let socket_alive = !matches!(close, Close::Dropped(_) | Close::Stalled(_));
         while let Some(mut pending) = session.pending.pop_front() {
             let result = match pending.commit.as_mut() {
                 Some(rx) => match tokio::time::timeout_at(deadline, rx).await {
@@ -408,13 +483,14 @@ impl Connection {
                 Close::Refused(reason, _) => Some(*reason),
                 Close::TakenOver(_) => Some(DisconnectReason::SessionTakenOver),
                 Close::Shutdown => Some(DisconnectReason::ServerShuttingDown),
-                Close::Normal { .. } | Close::Dropped(_) => None,
+                Close::Normal { .. } | Close::Dropped(_) | Close::Stalled(_) => None,
             };
             if let Some(reason) = reason {
                 self.send(Outbound::Disconnect(reason));
             }
-            let _ = self.flush().await;
-            let _ = self.writer.shutdown().await;
+            if self.flush_by(Some(deadline)).await.is_ok() {
+                let _ = tokio::time::timeout_at(deadline, self.writer.shutdown()).await;
+            }
         }
         close
     }
@@ -514,6 +590,9 @@ impl Session {
 
     async fn publish(&mut self, conn: &mut Connection, publish: InPublish) -> Option<Close> {
         metrics::counter!(telemetry::MESSAGES_IN).increment(1);
+        telemetry::PROGRESS
+            .messages_in
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         metrics::counter!(telemetry::BYTES_IN).increment(publish.payload.len() as u64);
         let InPublish {
             topic,
@@ -577,7 +656,7 @@ impl Session {
         let key = conn
             .settings
             .dedup
-            .then(|| crate::journal::dedup_key(&record.topic, &record.payload));
+            .then(|| crate::journal::dedup_key(&record.client_id, &record.topic, &record.payload));
         if qos == 0 {
             if let Err(e) = conn.journal.append_unacknowledged(record, key).await {
                 return Some(Close::Refused(

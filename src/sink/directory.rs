@@ -53,10 +53,15 @@ impl Sink for DirectorySink {
         self.max_inflight
     }
 
+    fn max_payload(&self) -> usize {
+        // A file takes any size; the batcher's `batch.maxBytes` bounds what it seals.
+        usize::MAX
+    }
+
     fn run(
         self: Box<Self>,
         mut batches: mpsc::Receiver<Batch>,
-        confirmations: mpsc::UnboundedSender<Confirmation>,
+        confirmations: mpsc::Sender<Confirmation>,
     ) -> SinkFuture {
         Box::pin(async move {
             while let Some(batch) = batches.recv().await {
@@ -69,9 +74,9 @@ impl Sink for DirectorySink {
                         .unwrap_or_else(|e| Err(std::io::Error::other(e)));
                     match result {
                         Ok(()) => {
-                            let _ = confirmations.send(Confirmation {
-                                batch_seq: batch.batch_seq,
-                            });
+                            let _ = confirmations
+                                .send(Confirmation::delivered(batch.batch_seq))
+                                .await;
                             break;
                         }
                         Err(e) => {

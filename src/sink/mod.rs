@@ -1,16 +1,19 @@
 //! The upstream seam: where sealed batches go, and how their delivery is confirmed.
 //!
-//! A `Sink` receives batches in `batch_seq` order on a channel and reports each one it delivered
-//! on the confirmation channel, possibly later and out of order. The journal releases a batch's
-//! rows only on that confirmation. A batch a sink never confirms stays in the journal and is sent
-//! again (same `batch_seq`, same bytes) after a reconnect or a restart: delivery is at least once,
-//! and the cloud deduplicates by (gateway, batch_seq).
+//! A `Sink` receives batches in `batch_seq` order on a channel and reports each one it settled
+//! on the confirmation channel, possibly later and out of order: delivered (the journal then
+//! releases its rows) or, for a batch the upstream will never take, dead-lettered with a reason
+//! (its rows move to `dead_letter`). A batch a sink never settles stays in the journal and is
+//! sent again (same `batch_seq`, same bytes) after a reconnect or a restart: delivery is at
+//! least once, and the cloud deduplicates by (gateway, batch_seq).
 //!
 //! Implementations: `directory` (each batch one file; the embedded default) and `mqtt` (one
-//! MQTT/TLS link to AWS IoT Core). The Greengrass IPC sink plugs in here too.
+//! MQTT/TLS link to AWS IoT Core). `window` is the delivery window a networked sink keeps:
+//! which held batch goes next, and which one is poison.
 
 mod directory;
 mod mqtt;
+pub mod window;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -34,10 +37,30 @@ pub struct Batch {
     pub payload: Bytes,
 }
 
-/// A sink confirmed the batch with this sequence number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A sink settled the batch with this sequence number.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Confirmation {
     pub batch_seq: u64,
+    pub outcome: Outcome,
+}
+
+/// How a batch was settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The far side acknowledged it.
+    Delivered,
+    /// The upstream refused it (or dropped the connection) every time; it goes to `dead_letter`
+    /// with this reason.
+    DeadLettered(String),
+}
+
+impl Confirmation {
+    pub fn delivered(batch_seq: u64) -> Self {
+        Self {
+            batch_seq,
+            outcome: Outcome::Delivered,
+        }
+    }
 }
 
 pub type SinkFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -51,12 +74,17 @@ pub trait Sink: Send + 'static {
     /// How many batches may be handed over and not yet confirmed.
     fn max_inflight(&self) -> usize;
 
+    /// The largest batch payload the far side takes, in bytes. A stored batch larger than this
+    /// (sealed for another sink) is re-batched before it is handed over.
+    fn max_payload(&self) -> usize;
+
     /// Delivers batches until `batches` closes, then returns after finishing (or giving up on)
-    /// what it holds. Each delivered batch is reported once on `confirmations`.
+    /// what it holds. Each settled batch is reported once on `confirmations`, which has room
+    /// for `max_inflight` (a sink never holds more).
     fn run(
         self: Box<Self>,
         batches: mpsc::Receiver<Batch>,
-        confirmations: mpsc::UnboundedSender<Confirmation>,
+        confirmations: mpsc::Sender<Confirmation>,
     ) -> SinkFuture;
 }
 

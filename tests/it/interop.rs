@@ -3,7 +3,8 @@
 //! `wait_for_publish()`, lands in the outbox exactly once with the right clientId, topic and
 //! QoS; SUBSCRIBE is acknowledged (`mosquitto_sub` sees its SUBACK; hand-built 3.1.1 and 5
 //! SUBSCRIBEs get the granted QoS, capped at 1, and a failure code for an invalid filter).
-//! paho-mqtt is required (`pip install paho-mqtt`): without it these tests fail, not skip.
+//! paho-mqtt is required (scripts/test.sh installs it in a virtual environment and sets
+//! `GATEHOUSE_PYTHON`): without it these tests fail, not skip.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use serde_json::json;
 use tokio::process::Command;
 
 use crate::support::{
-    ACK_TIMEOUT, Gateway, OUTBOX_TIMEOUT, RawConnect, RawMqtt, client_id, describe_packet,
+    self, ACK_TIMEOUT, Gateway, OUTBOX_TIMEOUT, RawConnect, RawMqtt, client_id, describe_packet,
     mqtt_packet, mqtt_string, payload_bytes, show,
 };
 
@@ -67,7 +68,7 @@ print(f"{client_id}: {count} messages acknowledged")
 
 /// Fails the test (no silent skip) if paho-mqtt 2.x is not importable.
 async fn require_paho() {
-    let out = Command::new("python3")
+    let out = Command::new(support::python())
         .args([
             "-c",
             "import paho.mqtt.client as m; m.CallbackAPIVersion.VERSION2",
@@ -77,15 +78,17 @@ async fn require_paho() {
         .unwrap_or_else(|e| panic!("python3 is required for the paho interop tests: {e}"));
     assert!(
         out.status.success(),
-        "paho-mqtt 2.x is required for the interop tests (CI runs `pip install paho-mqtt`); \
-         python3 says:\n{}",
+        "paho-mqtt 2.x is required for the interop tests: run scripts/test.sh (it makes a \
+         virtual environment with it), or set GATEHOUSE_PYTHON to a python that has it; \
+         {} says:\n{}",
+        support::python(),
         String::from_utf8_lossy(&out.stderr)
     );
 }
 
 async fn run_paho(gw: &Gateway, client: &str, version: &str, prefix: &str) -> Result<(), String> {
     let script = gw.dir().join("paho_publisher.py");
-    let mut cmd = Command::new("python3");
+    let mut cmd = Command::new(support::python());
     cmd.arg(&script)
         .args([
             &gw.port.to_string(),

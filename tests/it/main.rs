@@ -3,13 +3,17 @@
 //! directory outbox decoded by `gatehouse decode`.
 
 mod bad_input;
+mod cli;
 mod config_errors;
 mod crash;
 mod dedup;
 mod e2e;
 mod interop;
+mod no_loss;
+mod poison;
 mod session;
 mod support;
 mod upstream;
 mod upstream_faults;
+mod upstream_scripted;
 mod upstream_support;

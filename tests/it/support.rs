@@ -45,6 +45,35 @@ pub fn gatehouse_bin() -> PathBuf {
     }
 }
 
+/// The Python the tests run (paho-mqtt clients): `$GATEHOUSE_PYTHON` (scripts/test.sh points it
+/// at its virtual environment), else `python3`.
+pub fn python() -> String {
+    std::env::var("GATEHOUSE_PYTHON").unwrap_or_else(|_| "python3".to_string())
+}
+
+/// Runs `gatehouse ARGS` to its exit (20 s at most): its status, and stdout then stderr.
+pub async fn gatehouse_output<S: AsRef<std::ffi::OsStr>>(
+    args: impl IntoIterator<Item = S>,
+) -> (ExitStatus, String) {
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        Command::new(gatehouse_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("gatehouse exits by itself within 20 s")
+    .expect("run gatehouse");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status, text)
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released; a tiny race remains, see `Gateway::start_with`).
 pub fn free_port() -> u16 {
     let l = StdTcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");

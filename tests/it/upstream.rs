@@ -26,8 +26,8 @@ use crate::support::{
     describe_packet, describe_packets, payload_bytes, poll_until, raw_publish, show,
 };
 use crate::upstream_support::{
-    Relay, THING, UP_TOPIC, UpBatch, Upstream, assert_clean, log_lines, metric, publish_all_acked,
-    start_gateway, tail, unique_batch_records, wait_link_down, wait_metric,
+    Relay, UP_TOPIC, UPSTREAM_CLIENT_ID, UpBatch, Upstream, assert_clean, log_lines, metric,
+    publish_all_acked, start_gateway, tail, unique_batch_records, wait_link_down, wait_metric,
 };
 
 /// Deadline for a backlog to arrive upstream.
@@ -139,7 +139,7 @@ async fn end_to_end(protocol: &str) {
     // The broker saw the gateway connect as clientId = thingName, clean session, keepAlive
     // 30 s, with the configured protocol (mosquitto: p2 = 3.1.1, p5 = 5).
     let p = if protocol == "5" { "p5" } else { "p2" };
-    let needle = format!("as {THING} ({p}, c1, k30");
+    let needle = format!("as {UPSTREAM_CLIENT_ID} ({p}, c1, k30");
     assert!(
         up.broker.logs().contains(&needle),
         "broker log lacks {needle:?}:\n{}",

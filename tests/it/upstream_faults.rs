@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 use rumqttc::QoS;
 use serde_json::json;
 
-use crate::support::{AckedPublisher, poll_until, show};
+use crate::support::{AckedPublisher, poll_until};
 use crate::upstream_support::{
-    AcceptCloser, ConnectProxy, FreezableRelay, Pki, THING, UP_TOPIC, UpBatch, Upstream,
-    assert_clean, log_lines, metric, plan, publish_all_acked, standalone_upstream, start_gateway,
-    start_gateway_with, tail, unique_batch_records, wait_link_down, wait_metric,
+    AcceptCloser, ConnectProxy, FreezableRelay, Pki, UP_TOPIC, UPSTREAM_CLIENT_ID, UpBatch,
+    Upstream, assert_clean, exactly_wanted_problems, log_lines, metric, plan, publish_all_acked,
+    standalone_upstream, start_gateway, start_gateway_with, tail, wait_link_down, wait_metric,
 };
 
 /// Deadline for messages to arrive upstream.
@@ -39,23 +39,9 @@ async fn publish_plan(gw: &crate::support::Gateway, id: &str, tag: &str, n: usiz
 
 /// Every message of `wanted` exactly once when each batchSeq is counted once, and nothing else.
 fn assert_exactly_wanted(batches: &[UpBatch], wanted: &[Msg]) {
-    let mut count: HashMap<Msg, usize> = HashMap::new();
-    for r in unique_batch_records(batches) {
-        *count
-            .entry((
-                crate::support::client_id(&r),
-                crate::support::payload_bytes(&r),
-            ))
-            .or_default() += 1;
-    }
-    let wanted_set: HashSet<&Msg> = wanted.iter().collect();
-    let wrong: Vec<String> = count
-        .iter()
-        .filter(|(m, n)| **n != 1 || !wanted_set.contains(m))
-        .map(|((c, p), n)| format!("({c}, {}) x{n}", show(p)))
-        .collect();
+    let wrong = exactly_wanted_problems(batches, wanted);
     assert!(
-        wrong.is_empty() && count.len() == wanted.len(),
+        wrong.is_empty(),
         "upstream records (each batchSeq counted once) are not exactly the {} PUBACKed messages: \
          {wrong:?}",
         wanted.len()
@@ -125,7 +111,8 @@ async fn upstream_through_http_connect_proxy() {
     let sessions: Vec<&str> = broker_log
         .lines()
         .filter(|l| {
-            l.contains("New client connected from") && l.contains(&format!(" as {THING} ("))
+            l.contains("New client connected from")
+                && l.contains(&format!(" as {UPSTREAM_CLIENT_ID} ("))
         })
         .collect();
     assert!(!sessions.is_empty(), "the broker never saw the gateway");
@@ -554,7 +541,7 @@ async fn upstream_mqtt5_refused_publish_is_not_confirmed() {
         up.broker
             .logs()
             .lines()
-            .filter(|l| l.contains(&format!("Denied PUBLISH from {THING} ")))
+            .filter(|l| l.contains(&format!("Denied PUBLISH from {UPSTREAM_CLIENT_ID} ")))
             .count()
     };
     poll_until(

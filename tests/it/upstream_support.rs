@@ -53,6 +53,8 @@ use crate::support::{self, Gateway, free_port, poll_until, v4_options};
 
 /// Thing name of every gateway in these tests (the default of `Gateway::start_with`).
 pub const THING: &str = "gw-itest";
+/// The gateway's upstream MQTT client id: the default, `<thingName>-gatehouse`.
+pub const UPSTREAM_CLIENT_ID: &str = "gw-itest-gatehouse";
 /// The topic the gateway publishes to by default: `gatehouse/{thingName}/batches`.
 pub const UP_TOPIC: &str = "gatehouse/gw-itest/batches";
 /// The collector's client id (persistent session on the broker).
@@ -1062,6 +1064,32 @@ pub fn duplicate_problems(batches: &[UpBatch]) -> Vec<String> {
 
 /// All (clientId, payload) pairs of the records received, with multiplicity, counting each
 /// batchSeq once (a redelivered batch is the same batch).
+/// What keeps `batches` from holding every (clientId, payload) of `wanted` exactly once when
+/// each batchSeq is counted once, and nothing else: one line per wrong message, and a count
+/// line when messages are missing. Empty when exactly right.
+pub fn exactly_wanted_problems(batches: &[UpBatch], wanted: &[(String, Vec<u8>)]) -> Vec<String> {
+    let mut count: HashMap<(String, Vec<u8>), usize> = HashMap::new();
+    for r in unique_batch_records(batches) {
+        *count
+            .entry((support::client_id(&r), support::payload_bytes(&r)))
+            .or_default() += 1;
+    }
+    let wanted_set: HashSet<&(String, Vec<u8>)> = wanted.iter().collect();
+    let mut wrong: Vec<String> = count
+        .iter()
+        .filter(|(m, n)| **n != 1 || !wanted_set.contains(m))
+        .map(|((c, p), n)| format!("({c}, {}) x{n}", support::show(p)))
+        .collect();
+    if count.len() != wanted.len() {
+        wrong.push(format!(
+            "{} distinct messages, {} wanted",
+            count.len(),
+            wanted.len()
+        ));
+    }
+    wrong
+}
+
 pub fn unique_batch_records(batches: &[UpBatch]) -> Vec<Value> {
     let mut seen = HashSet::new();
     batches
