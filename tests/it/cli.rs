@@ -193,3 +193,36 @@ async fn a_metrics_address_in_use_is_named_with_its_key() {
     );
     drop(taken);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_says_what_it_leaves_out_and_deep_checks_the_machine() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = serde_json::json!({
+        "listeners": [{"bind": taken.local_addr().unwrap().to_string()}],
+        "journal": {"path": dir.path().join("journal.db")},
+        "upstream": {"kind": "directory", "path": dir.path().join("outbox")}
+    });
+    let file = dir.path().join("gatehouse.json");
+    std::fs::write(&file, config.to_string()).unwrap();
+    let (status, text) = gatehouse_output(["check-config".as_ref(), file.as_os_str()]).await;
+    assert!(status.success(), "{text}");
+    assert!(
+        text.contains("not checked: that the listener and metrics ports are free"),
+        "{text}"
+    );
+    let (status, text) =
+        gatehouse_output(["check-config".as_ref(), file.as_os_str(), "--deep".as_ref()]).await;
+    assert_eq!(status.code(), Some(64), "{text}");
+    assert!(
+        text.contains(&format!(
+            "listeners[0].bind: cannot listen on {}",
+            taken.local_addr().unwrap()
+        )),
+        "{text}"
+    );
+    drop(taken);
+    let (status, text) =
+        gatehouse_output(["check-config".as_ref(), file.as_os_str(), "--deep".as_ref()]).await;
+    assert!(status.success(), "{text}");
+}

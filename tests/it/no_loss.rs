@@ -176,6 +176,13 @@ async fn batches_sealed_for_the_mqtt_upstream_are_delivered_after_switching_to_t
         ))),
         "one line says how many batches changed hands:\n{logs}"
     );
+    assert!(
+        logs.contains(&format!(
+            "Resuming {} records and {sealed} unconfirmed batches from the journal.",
+            wanted.len()
+        )),
+        "the start says what it resumes:\n{logs}"
+    );
     let journal = gw.journal.clone();
     poll_until("the journal to be empty", OUTBOX_TIMEOUT, || {
         let journal = journal.clone();
