@@ -22,10 +22,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 # The Debian package may start a broker on 1883; the tests start their own on free ports.
 
+# paho-mqtt plays agents; awsiotsdk is AWS's own Greengrass IPC client, driving the fake nucleus.
 VENV=target/test-venv
-if ! "$VENV/bin/python" -c 'import paho.mqtt' 2>/dev/null; then
+if ! "$VENV/bin/python" -c 'import paho.mqtt, awsiot.greengrasscoreipc.clientv2' 2>/dev/null; then
   python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check 'paho-mqtt>=2,<3'
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+    'paho-mqtt>=2,<3' 'awsiotsdk>=1.31,<2'
 fi
 export GATEHOUSE_PYTHON="$PWD/$VENV/bin/python"
 

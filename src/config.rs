@@ -1,9 +1,12 @@
 //! The configuration model: one typed tree, validated all at once before any socket is bound.
 //!
 //! The same `Config` is read from a JSON file (`gatehouse run --config FILE`), from the embedded
-//! defaults (no file), and later from Greengrass recipe parameters. Keys are camelCase; unknown
-//! keys and bad values are errors whose message starts with the key path, e.g.
-//! `batch.maxBytes: expected an integer between 1024 and 131072, got "lots"`.
+//! defaults (no file), and from the Greengrass component configuration (the recipe's
+//! `DefaultConfiguration` merged with the deployment's, read with GetConfiguration, minus
+//! `accessControl`). Keys are camelCase; unknown keys and bad values are errors whose message
+//! starts with the key path, e.g. `batch.maxBytes: expected an integer between 1024 and 131072,
+//! got "lots"`. Integers and booleans given as strings (`"42"`, `"true"`, as nucleus lite returns
+//! every scalar of a YAML recipe) are accepted.
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -268,6 +271,82 @@ pub enum UpstreamConfig {
     },
     /// `"mqtt"`: one MQTT connection over mutual TLS to the AWS IoT Core data endpoint.
     Mqtt(Box<MqttUpstream>),
+    /// `"greengrass"`: PublishToIoTCore through the Greengrass nucleus's own IoT Core
+    /// connection. The default under Greengrass.
+    Greengrass(Box<GreengrassUpstream>),
+}
+
+/// When the `greengrass` upstream may release a batch's journal rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Confirm {
+    /// When PublishToIoTCore succeeds. The Java nucleus answers once the message is in its
+    /// spooler (in memory by default, 2.5 MiB): a nucleus restart before IoT Core's PUBACK loses
+    /// it. Nucleus lite answers once IoT Core acknowledged it.
+    Nucleus,
+    /// When the cloud's receipt for the batch arrives on `receiptTopic` (an AWS IoT rule
+    /// republishes one per batch: `cloud/receipts.yaml`); a batch not receipted within
+    /// `receiptTimeoutMs` is sent again. End to end: the recommended setting.
+    Cloud,
+}
+
+/// The Greengrass IPC upstream: PublishToIoTCore, paced to IoT Core's per-connection limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GreengrassUpstream {
+    /// Topic template; `{thingName}` is substituted. With `confirm: "cloud"` the batch sequence
+    /// number is appended as a last level (`.../batches/42`), so the rule can receipt it.
+    /// Default `gatehouse/{thingName}/batches`.
+    #[serde(default = "default_upstream_topic")]
+    pub topic: String,
+    /// `"nucleus"` (default) or `"cloud"`: see `Confirm`.
+    #[serde(default = "default_confirm")]
+    pub confirm: Confirm,
+    /// Where the cloud's receipts arrive (`confirm: "cloud"`). Default
+    /// `gatehouse/{thingName}/receipts`.
+    #[serde(default = "default_receipt_topic")]
+    pub receipt_topic: String,
+    /// With `confirm: "cloud"`, a batch published this long ago without a receipt is sent
+    /// again. Default 60000.
+    #[serde(default = "default_receipt_timeout_ms")]
+    pub receipt_timeout_ms: Bounded<1_000, 86_400_000>,
+    /// The largest IPC frame the nucleus takes. Nucleus lite closes the connection on a frame
+    /// over 10,000 bytes; the Java nucleus takes far more (its PublishToIoTCore payload cap is
+    /// 128 KiB). Default: 10000 on nucleus lite, detected at start, else 16 MiB.
+    #[serde(default)]
+    pub max_frame_bytes: Option<Bounded<2_048, 16_777_216>>,
+    /// PublishToIoTCore requests awaiting their answer at once. Default 16.
+    #[serde(default = "default_greengrass_inflight")]
+    pub max_inflight: Bounded<1, 100>,
+    /// PUBLISH rate cap. IoT Core allows about 100 per second per connection. Default 100.
+    #[serde(default = "default_upstream_publishes_per_sec")]
+    pub max_publishes_per_sec: Bounded<1, 100_000>,
+    /// Throughput cap in payload bytes per second. IoT Core allows 512 KiB/s. Default 524288.
+    #[serde(default = "default_upstream_bytes_per_sec")]
+    pub max_bytes_per_sec: Bounded<1_024, 1_073_741_824>,
+    /// Retry backoff after a refused or failed publish: exponential with full jitter from
+    /// this... Default 1000.
+    #[serde(default = "default_reconnect_min_ms")]
+    pub retry_min_ms: Bounded<100, 3_600_000>,
+    /// ...up to this. Default 60000.
+    #[serde(default = "default_retry_max_ms")]
+    pub retry_max_ms: Bounded<100, 3_600_000>,
+    /// A PublishToIoTCore unanswered this long counts as failed. Default 30000.
+    #[serde(default = "default_greengrass_ack_timeout_ms")]
+    pub ack_timeout_ms: Bounded<1_000, 3_600_000>,
+    /// See the mqtt upstream's `maxBatchAttempts`. Default 5.
+    #[serde(default = "default_max_batch_attempts")]
+    pub max_batch_attempts: Bounded<1, 1_000>,
+}
+
+impl GreengrassUpstream {
+    pub fn topic_for(&self, thing_name: &str) -> String {
+        self.topic.replace("{thingName}", thing_name)
+    }
+
+    pub fn receipt_topic_for(&self, thing_name: &str) -> String {
+        self.receipt_topic.replace("{thingName}", thing_name)
+    }
 }
 
 /// MQTT protocol version of the upstream link.
@@ -310,7 +389,7 @@ pub struct MqttUpstream {
     #[serde(default = "default_mqtt_version")]
     pub protocol: MqttVersion,
     /// Offer ALPN `x-amzn-mqtt-ca` (needed for MQTT over port 443). Default: on for port 443.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_bool")]
     pub alpn: Option<bool>,
     /// An HTTP CONNECT proxy to reach the broker through.
     #[serde(default)]
@@ -628,6 +707,35 @@ impl Config {
         if let UpstreamConfig::Mqtt(mqtt) = &self.upstream {
             self.validate_mqtt(mqtt, &mut errors);
         }
+        if let UpstreamConfig::Greengrass(gg) = &self.upstream {
+            let topic = gg.topic_for(&self.thing_name);
+            // With cloud receipts a last level (the batch seq) is appended.
+            let checked = match gg.confirm {
+                Confirm::Cloud => format!("{topic}/1"),
+                Confirm::Nucleus => topic,
+            };
+            if let Err(reason) = check_iot_topic(&checked) {
+                errors.push(InvalidKey {
+                    key: "upstream.topic".into(),
+                    reason,
+                });
+            }
+            if let Err(reason) = check_iot_topic(&gg.receipt_topic_for(&self.thing_name)) {
+                errors.push(InvalidKey {
+                    key: "upstream.receiptTopic".into(),
+                    reason,
+                });
+            }
+            if gg.retry_min_ms.get() > gg.retry_max_ms.get() {
+                errors.push(InvalidKey {
+                    key: "upstream.retryMaxMs".into(),
+                    reason: format!(
+                        "must not be less than retryMinMs ({})",
+                        gg.retry_min_ms.get()
+                    ),
+                });
+            }
+        }
         if self.journal.path.as_os_str().is_empty() {
             errors.push(InvalidKey {
                 key: "journal.path".into(),
@@ -680,13 +788,13 @@ fn parse_upstream(mut value: serde_json::Value) -> Result<UpstreamConfig, Config
         Some(other) => {
             return Err(invalid(
                 "upstream.kind",
-                format!("expected \"directory\" or \"mqtt\", got {other}"),
+                format!("expected {UPSTREAM_KINDS}, got {other}"),
             ));
         }
         None => {
             return Err(invalid(
                 "upstream.kind",
-                "missing: \"directory\" or \"mqtt\"".into(),
+                format!("missing: {UPSTREAM_KINDS}"),
             ));
         }
     };
@@ -701,12 +809,18 @@ fn parse_upstream(mut value: serde_json::Value) -> Result<UpstreamConfig, Config
         "mqtt" => Ok(UpstreamConfig::Mqtt(Box::new(
             typed(value, "upstream").map_err(with_kind)?,
         ))),
+        "greengrass" => Ok(UpstreamConfig::Greengrass(Box::new(
+            typed(value, "upstream").map_err(with_kind)?,
+        ))),
         other => Err(invalid(
             "upstream.kind",
-            format!("expected \"directory\" or \"mqtt\", got {other:?}"),
+            format!("expected {UPSTREAM_KINDS}, got {other:?}"),
         )),
     }
 }
+
+/// The values `upstream.kind` takes.
+const UPSTREAM_KINDS: &str = r#""directory", "mqtt" or "greengrass""#;
 
 /// Adds `kind` (read before the rest) to serde's list of an upstream's valid keys.
 fn with_kind(error: ConfigError) -> ConfigError {
@@ -771,12 +885,29 @@ impl<const MIN: u64, const MAX: u64> fmt::Debug for Bounded<MIN, MAX> {
 impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for Bounded<MIN, MAX> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let value = serde_json::Value::deserialize(deserializer)?;
-        match value.as_u64() {
+        // Nucleus lite returns a YAML recipe's integers as strings ("42").
+        let number = value
+            .as_u64()
+            .or_else(|| value.as_str().and_then(|s| s.trim().parse().ok()));
+        match number {
             Some(n) if (MIN..=MAX).contains(&n) => Ok(Self(n)),
             _ => Err(serde::de::Error::custom(format_args!(
                 "expected an integer between {MIN} and {MAX}, got {value}"
             ))),
         }
+    }
+}
+
+/// An optional boolean, also given as the string `"true"` or `"false"` (nucleus lite).
+fn lenient_bool<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<bool>, D::Error> {
+    match serde_json::Value::deserialize(deserializer)? {
+        serde_json::Value::Bool(b) => Ok(Some(b)),
+        serde_json::Value::Null => Ok(None),
+        serde_json::Value::String(s) if s == "true" => Ok(Some(true)),
+        serde_json::Value::String(s) if s == "false" => Ok(Some(false)),
+        other => Err(serde::de::Error::custom(format_args!(
+            "expected true or false, got {other}"
+        ))),
     }
 }
 
@@ -843,6 +974,24 @@ const fn default_dedup_mode() -> DedupMode {
 }
 const fn default_max_batch_attempts() -> Bounded<1, 1_000> {
     Bounded::new(5)
+}
+const fn default_confirm() -> Confirm {
+    Confirm::Nucleus
+}
+fn default_receipt_topic() -> String {
+    "gatehouse/{thingName}/receipts".to_string()
+}
+const fn default_receipt_timeout_ms() -> Bounded<1_000, 86_400_000> {
+    Bounded::new(60_000)
+}
+const fn default_greengrass_inflight() -> Bounded<1, 100> {
+    Bounded::new(16)
+}
+const fn default_retry_max_ms() -> Bounded<100, 3_600_000> {
+    Bounded::new(60_000)
+}
+const fn default_greengrass_ack_timeout_ms() -> Bounded<1_000, 3_600_000> {
+    Bounded::new(30_000)
 }
 fn default_journal_path() -> PathBuf {
     PathBuf::from("./gatehouse-data/journal.db")

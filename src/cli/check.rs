@@ -85,7 +85,7 @@ fn deep_problems(config: &Config) -> Vec<String> {
                 problems.push(format!("upstream.path: {}: {e}", path.display()));
             }
         }
-        UpstreamConfig::Mqtt(_) => {
+        UpstreamConfig::Mqtt(_) | UpstreamConfig::Greengrass(_) => {
             if let Err(e) = gatehouse::sink::build(config) {
                 problems.push(format!("{e:#}"));
             }

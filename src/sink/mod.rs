@@ -100,5 +100,8 @@ pub fn build(config: &Config) -> anyhow::Result<Box<dyn Sink>> {
             (**mqtt).clone(),
             &config.thing_name,
         )?)),
+        UpstreamConfig::Greengrass(_) => {
+            anyhow::bail!("upstream.kind: the greengrass upstream is not available in this build")
+        }
     }
 }
