@@ -63,6 +63,8 @@ pub struct Settings {
     pub max_payload: usize,
     /// After shutdown begins: how long to wait for the sink to confirm what it holds.
     pub drain_grace: Duration,
+    /// `batch` as it changes while running (Greengrass configuration updates), if it may.
+    pub live_batch: Option<tokio::sync::watch::Receiver<BatchConfig>>,
 }
 
 pub struct Batcher {
@@ -93,12 +95,16 @@ pub struct Batcher {
     raw_ratio: Option<f64>,
     /// Do not try packing again before the buffer holds this many raw bytes.
     next_pack_at_raw: usize,
+    /// Batch settings as they change while running, if they may.
+    live_batch: Option<tokio::sync::watch::Receiver<BatchConfig>>,
 }
 
 impl Batcher {
-    pub fn new(journal: Journal, reader: JournalReader, settings: Settings) -> Self {
+    pub fn new(journal: Journal, reader: JournalReader, mut settings: Settings) -> Self {
         let max_bytes = (settings.batch.max_bytes.get() as usize).min(settings.max_payload);
+        let live_batch = settings.live_batch.take();
         Self {
+            live_batch,
             journal,
             reader,
             codec: settings.batch.compression.into(),
@@ -224,8 +230,25 @@ impl Batcher {
                     tracing::info!("Batcher draining: flushing what is committed.");
                     drain_deadline = Some(Instant::now() + self.settings.drain_grace);
                 }
+                Some(batch) = next_setting(&mut self.live_batch) => self.apply_batch(batch),
             }
         }
+    }
+
+    /// Takes new batch settings: they apply to the next batch sealed.
+    fn apply_batch(&mut self, batch: BatchConfig) {
+        self.max_bytes = (batch.max_bytes.get() as usize).min(self.settings.max_payload);
+        self.raw_cap = self.max_bytes * RAW_CAP_FACTOR;
+        self.codec = batch.compression.into();
+        self.next_pack_at_raw = 0;
+        tracing::info!(
+            "Applied new batch settings: maxBytes {}, maxMessages {}, maxDelayMs {}, compression {}.",
+            self.max_bytes,
+            batch.max_messages.get(),
+            batch.max_delay_ms.get(),
+            batch.compression.name()
+        );
+        self.settings.batch = batch;
     }
 
     async fn fetch(&mut self, committed_now: u64) -> Result<(), JournalError> {
@@ -594,3 +617,13 @@ impl Batcher {
 
 #[cfg(test)]
 mod tests;
+
+/// The next value of a settings watch; never, when there is none or its sender is gone.
+async fn next_setting<T: Clone>(watch: &mut Option<tokio::sync::watch::Receiver<T>>) -> Option<T> {
+    if let Some(rx) = watch
+        && rx.changed().await.is_ok()
+    {
+        return Some(rx.borrow_and_update().clone());
+    }
+    std::future::pending().await
+}

@@ -20,10 +20,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::batcher::{self, Batcher};
-use crate::config::Config;
+use crate::config::{BatchConfig, Config};
+use crate::greengrass::ipc::IpcClient;
 use crate::journal::Health;
 use crate::listener::{self, Listener, Registry};
 use crate::sink::Sink;
@@ -39,6 +40,12 @@ const DRAIN_GRACE: Duration = Duration::from_secs(5);
 pub struct Gateway {
     config: Config,
     listeners: Vec<Listener>,
+    /// The nucleus's IPC connection, when running as a Greengrass component.
+    nucleus: Option<IpcClient>,
+    /// Told once agents are served with the journal open.
+    ready: Option<oneshot::Sender<()>>,
+    /// Batch settings changed while running (Greengrass configuration updates).
+    live_batch: Option<watch::Receiver<BatchConfig>>,
 }
 
 impl Gateway {
@@ -49,7 +56,31 @@ impl Gateway {
             let settings = listener::Settings::new(listener, &config);
             listeners.push(Listener::bind(listener.bind.0, settings).await?);
         }
-        Ok(Self { config, listeners })
+        Ok(Self {
+            config,
+            listeners,
+            nucleus: None,
+            ready: None,
+            live_batch: None,
+        })
+    }
+
+    /// Runs as a Greengrass component: the `greengrass` upstream publishes through `client`.
+    pub fn with_nucleus(mut self, client: IpcClient) -> Self {
+        self.nucleus = Some(client);
+        self
+    }
+
+    /// `ready` fires once agents are served and the journal is open.
+    pub fn on_ready(mut self, ready: oneshot::Sender<()>) -> Self {
+        self.ready = Some(ready);
+        self
+    }
+
+    /// The batcher follows `batch` as it changes.
+    pub fn with_live_batch(mut self, batch: watch::Receiver<BatchConfig>) -> Self {
+        self.live_batch = Some(batch);
+        self
     }
 
     /// The addresses agents can connect to (useful when binding port 0).
@@ -64,7 +95,7 @@ impl Gateway {
     /// shutdown) when a stage the gateway cannot run without stops on its own: the batcher, the
     /// sink, or the journal found corrupt.
     pub async fn run(self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let sink = sink::build(&self.config)?;
+        let sink = sink::build(&self.config, self.nucleus.as_ref())?;
         self.run_with_sink(sink, signal).await
     }
 
@@ -89,6 +120,7 @@ impl Gateway {
             max_inflight: sink.max_inflight(),
             max_payload: sink.max_payload(),
             drain_grace: DRAIN_GRACE,
+            live_batch: self.live_batch,
         };
         let (batches_tx, batches_rx) = mpsc::channel(sink.max_inflight());
         // A sink settles at most what it holds, which is at most max_inflight.
@@ -123,6 +155,9 @@ impl Gateway {
             config.journal.path.display()
         );
         let summary = tokio::spawn(telemetry::summarize(SUMMARY_EVERY));
+        if let Some(ready) = self.ready {
+            let _ = ready.send(());
+        }
 
         let mut health = journal.health();
         let mut failure = None;

@@ -21,6 +21,7 @@ pub mod batcher;
 pub mod config;
 pub mod envelope;
 pub mod gateway;
+pub mod greengrass;
 pub mod journal;
 pub mod listener;
 pub mod record;

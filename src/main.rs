@@ -70,6 +70,11 @@ fn main() -> ExitCode {
 }
 
 fn run(config_path: Option<PathBuf>, metrics: Option<SocketAddr>) -> ExitCode {
+    if config_path.is_none()
+        && let Some(env) = gatehouse::greengrass::Environment::detect()
+    {
+        return run_component(env, metrics);
+    }
     let config = match &config_path {
         Some(path) => Config::from_file(path),
         None => Ok(Config::embedded()),
@@ -88,17 +93,9 @@ fn run(config_path: Option<PathBuf>, metrics: Option<SocketAddr>) -> ExitCode {
             bind: gatehouse::config::Bind(addr),
         });
     }
-    init_logging(&config.log_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("gatehouse")
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "Failed to start the runtime.");
-            return ExitCode::FAILURE;
-        }
+    let _set_log_level = init_logging(&config.log_level);
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     let result = runtime.block_on(async {
         telemetry::install(config.metrics.as_ref().map(|m| m.bind.0))?;
@@ -114,15 +111,73 @@ fn run(config_path: Option<PathBuf>, metrics: Option<SocketAddr>) -> ExitCode {
     }
 }
 
-fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stdout)
-        .with_ansi(false)
+/// Runs as a Greengrass component: configuration, lifecycle and upstream through the nucleus.
+fn run_component(env: gatehouse::greengrass::Environment, metrics: Option<SocketAddr>) -> ExitCode {
+    let set_log_level = init_logging("info");
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let result = runtime.block_on(gatehouse::greengrass::runner::run(
+        env,
+        metrics,
+        set_log_level,
+        shutdown_signal(),
+    ));
+    match result {
+        Ok(()) => {
+            tracing::info!("Component stopped.");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("Component failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("gatehouse")
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            tracing::error!(error = %e, "Failed to start the runtime.");
+            None
+        }
+    }
+}
+
+/// Logs to stdout at `level` (`RUST_LOG`, when set, wins); returns how to change the level
+/// later (`logLevel` applied live under Greengrass).
+fn init_logging(level: &str) -> gatehouse::greengrass::runner::SetLogLevel {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, reload};
+    let from_env = std::env::var_os("RUST_LOG").is_some();
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stdout)
+                .with_ansi(false),
+        )
         .init();
+    Box::new(move |level: &str| {
+        if from_env {
+            return;
+        }
+        match EnvFilter::try_new(level) {
+            Ok(filter) => {
+                let _ = handle.reload(filter);
+            }
+            Err(e) => tracing::warn!(level, error = %e, "Ignoring an invalid logLevel."),
+        }
+    })
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -76,6 +76,7 @@ fn start_for(
         max_inflight,
         max_payload,
         drain_grace: Duration::from_millis(200),
+        live_batch: None,
     };
     let (batches_tx, batches) = mpsc::channel(max_inflight);
     let (confirm, confirm_rx) = mpsc::channel(max_inflight);

@@ -803,3 +803,36 @@ async fn after_a_clean_stop_nothing_is_scanned_and_corruption_is_found_when_read
     close(journal, reader, guard);
     assert_quarantined_at_next_start(&dir, &config).await;
 }
+
+#[tokio::test]
+async fn a_record_carried_by_several_batches_stays_until_the_last_is_confirmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, reader, guard) = open(&config(&dir, 0)).unwrap();
+    append(&journal, "t", "large, in three fragments").await;
+    append(&journal, "t", "ordinary").await;
+    let fragment = |batch_seq: u64, seq: u64| SealedBatch {
+        batch_seq,
+        sink: "greengrass".into(),
+        first_seq: seq,
+        last_seq: seq,
+        record_count: 1,
+        created_at: 0,
+        payload: Bytes::from_static(b"fragment"),
+    };
+    for batch_seq in 1..=3 {
+        journal.seal(fragment(batch_seq, 1)).await.unwrap();
+    }
+    journal.seal(fragment(4, 2)).await.unwrap();
+    assert_eq!(journal.confirm(2).await.unwrap(), Released::default());
+    assert_eq!(journal.confirm(4).await.unwrap().rows, 1, "its own batch");
+    assert_eq!(journal.confirm(1).await.unwrap(), Released::default());
+    assert_eq!(
+        reader.counts().await.unwrap().0,
+        1,
+        "fragments 3 still unconfirmed"
+    );
+    assert_eq!(journal.confirm(3).await.unwrap().rows, 1);
+    assert_eq!(reader.counts().await.unwrap().0, 0);
+    close(journal, reader, guard);
+    counters_match(&dir.path().join("journal.db")).unwrap();
+}

@@ -628,16 +628,38 @@ fn batch_range(
         .optional()
 }
 
+/// Releases a confirmed batch: its row, and its records unless another unconfirmed batch still
+/// carries them (the fragments of one large record are several batches over the same seq).
 fn release(tx: &rusqlite::Transaction<'_>, batch_seq: u64) -> rusqlite::Result<Released> {
     let Some((first, last)) = batch_range(tx, batch_seq)? else {
         // Already confirmed (a sink may confirm twice after a reconnect): nothing to release.
         return Ok(Released::default());
     };
-    let released = range_usage(tx, first, last)?;
-    tx.prepare_cached("DELETE FROM records WHERE seq BETWEEN ?1 AND ?2")?
-        .execute([first, last])?;
     tx.prepare_cached("DELETE FROM batches WHERE batch_seq = ?1")?
         .execute([batch_seq as i64])?;
+    let overlapping: i64 = tx
+        .prepare_cached("SELECT COUNT(*) FROM batches WHERE first_seq <= ?2 AND last_seq >= ?1")?
+        .query_row([first, last], |row| row.get(0))?;
+    if overlapping == 0 {
+        let released = range_usage(tx, first, last)?;
+        tx.prepare_cached("DELETE FROM records WHERE seq BETWEEN ?1 AND ?2")?
+            .execute([first, last])?;
+        return Ok(released);
+    }
+    const UNCOVERED: &str = "seq BETWEEN ?1 AND ?2 AND NOT EXISTS
+        (SELECT 1 FROM batches WHERE first_seq <= records.seq AND last_seq >= records.seq)";
+    let released = tx
+        .prepare_cached(&format!(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM records WHERE {UNCOVERED}"
+        ))?
+        .query_row([first, last], |row| {
+            Ok(Released {
+                rows: row.get(0)?,
+                bytes: row.get(1)?,
+            })
+        })?;
+    tx.prepare_cached(&format!("DELETE FROM records WHERE {UNCOVERED}"))?
+        .execute([first, last])?;
     Ok(released)
 }
 

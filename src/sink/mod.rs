@@ -7,12 +7,16 @@
 //! sent again (same `batch_seq`, same bytes) after a reconnect or a restart: delivery is at
 //! least once, and the cloud deduplicates by (gateway, batch_seq).
 //!
-//! Implementations: `directory` (each batch one file; the embedded default) and `mqtt` (one
-//! MQTT/TLS link to AWS IoT Core). `window` is the delivery window a networked sink keeps:
-//! which held batch goes next, and which one is poison.
+//! Implementations: `directory` (each batch one file; the embedded default), `mqtt` (one
+//! MQTT/TLS link to AWS IoT Core) and `greengrass` (PublishToIoTCore through the nucleus). The
+//! networked ones run the same `delivery` engine over their own transport; `window` is its
+//! bookkeeping: which held batch goes next, and which one is poison.
 
+pub mod delivery;
 mod directory;
+mod greengrass;
 mod mqtt;
+mod pacing;
 pub mod window;
 
 use std::future::Future;
@@ -22,7 +26,9 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::config::{Config, UpstreamConfig};
+use crate::greengrass::ipc::IpcClient;
 pub use directory::DirectorySink;
+pub use greengrass::{GreengrassSink, payload_budget};
 pub use mqtt::MqttSink;
 
 /// A sealed batch on its way upstream.
@@ -89,8 +95,8 @@ pub trait Sink: Send + 'static {
 }
 
 /// Builds the configured sink, validating what can only be checked at run time (directories,
-/// certificates and keys).
-pub fn build(config: &Config) -> anyhow::Result<Box<dyn Sink>> {
+/// certificates and keys). The `greengrass` upstream needs the nucleus's IPC connection.
+pub fn build(config: &Config, nucleus: Option<&IpcClient>) -> anyhow::Result<Box<dyn Sink>> {
     match &config.upstream {
         UpstreamConfig::Directory { path, max_inflight } => Ok(Box::new(DirectorySink::new(
             path.clone(),
@@ -100,8 +106,17 @@ pub fn build(config: &Config) -> anyhow::Result<Box<dyn Sink>> {
             (**mqtt).clone(),
             &config.thing_name,
         )?)),
-        UpstreamConfig::Greengrass(_) => {
-            anyhow::bail!("upstream.kind: the greengrass upstream is not available in this build")
-        }
+        UpstreamConfig::Greengrass(gg) => match nucleus {
+            Some(client) => Ok(Box::new(GreengrassSink::new(
+                (**gg).clone(),
+                client.clone(),
+                &config.thing_name,
+            ))),
+            None => anyhow::bail!(
+                "upstream.kind: \"greengrass\" needs the Greengrass nucleus, and this process was not started by one ({} and {} are not set)",
+                crate::greengrass::TOKEN_VAR,
+                crate::greengrass::SOCKET_VAR
+            ),
+        },
     }
 }

@@ -144,6 +144,22 @@ impl DeliveryWindow {
         known
     }
 
+    /// The batch must be sent again, through no fault of its own (e.g. its cloud receipt did
+    /// not come in time): it waits again, without a strike.
+    pub fn requeue(&mut self, batch_seq: u64) {
+        if let Some(held) = self.held.get_mut(&batch_seq) {
+            held.outstanding = false;
+        }
+    }
+
+    /// The connection failed for a reason that is no batch's fault (throttling, the nucleus's
+    /// spool full, offline): every outstanding batch waits again, without strikes or suspicion.
+    pub fn requeue_all(&mut self) {
+        for held in self.held.values_mut() {
+            held.outstanding = false;
+        }
+    }
+
     /// The batch with this seq, if held.
     pub fn get(&self, batch_seq: u64) -> Option<&Batch> {
         self.held.get(&batch_seq).map(|h| &h.batch)

@@ -226,3 +226,155 @@ async fn check_config_says_what_it_leaves_out_and_deep_checks_the_machine() {
         gatehouse_output(["check-config".as_ref(), file.as_os_str(), "--deep".as_ref()]).await;
     assert!(status.success(), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decode_reassembles_a_fragmented_record_across_a_directory() {
+    use base64::Engine;
+
+    /// `gatehouse decode ARGS`: (exit code, stdout lines, stderr).
+    async fn decode(args: &[&Path]) -> (Option<i32>, Vec<serde_json::Value>, String) {
+        let out = tokio::time::timeout(
+            Duration::from_secs(60),
+            Command::new(gatehouse_bin())
+                .arg("decode")
+                .args(args)
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .expect("decode finishes")
+        .expect("run gatehouse decode");
+        let lines = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), lines, stderr)
+    }
+    let record = |seq: u64, payload: Vec<u8>| JournaledRecord {
+        seq,
+        record: Record {
+            received_at_ms: 0,
+            client_id: "agent-1".into(),
+            topic: "agents/agent-1/files".into(),
+            qos: 1,
+            payload: Bytes::from(payload),
+            properties: RecordProperties::default(),
+        },
+    };
+    let id = |batch_seq: u64| BatchIdentity {
+        gateway: "gw-itest".into(),
+        batch_seq,
+        codec: Codec::Zstd,
+        created_at: 0,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = |batch_seq: u64| dir.path().join(format!("{batch_seq:020}.batch"));
+    // An incompressible 1 MB file (xorshift), between two ordinary batches.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let big: Vec<u8> = (0..1 << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let before: Vec<_> = (1..=3)
+        .map(|s| record(s, format!("small {s}").into_bytes()))
+        .collect();
+    let packed = envelope::pack(&id(1), &before, 131_072).unwrap();
+    std::fs::write(file(1), &packed.payload).unwrap();
+    let parts = envelope::fragments(&id(2), &record(4, big.clone()), 131_072).unwrap();
+    let n = parts.len() as u64;
+    assert!(n >= 8, "{n} fragments");
+    for part in &parts {
+        assert!(part.payload.len() <= 131_072);
+        std::fs::write(file(part.header.batch_seq), &part.payload).unwrap();
+    }
+    let after: Vec<_> = (5..=6)
+        .map(|s| record(s, format!("small {s}").into_bytes()))
+        .collect();
+    let packed = envelope::pack(&id(2 + n), &after, 131_072).unwrap();
+    std::fs::write(file(2 + n), &packed.payload).unwrap();
+
+    // Each record once, the big one whole and in place.
+    let (code, lines, stderr) = decode(&[dir.path()]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let seqs: Vec<u64> = lines.iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6], "{stderr}");
+    let whole = &lines[3];
+    assert_eq!(whole["fragments"], n);
+    assert!(whole.get("fragment").is_none());
+    let payload = base64::engine::general_purpose::STANDARD
+        .decode(whole["payloadBase64"].as_str().unwrap())
+        .unwrap();
+    assert!(payload == big, "the reassembled payload differs");
+    assert!(
+        lines
+            .iter()
+            .filter(|l| l.get("fragments").is_some())
+            .count()
+            == 1
+    );
+    assert_eq!(lines[0]["payload"], "small 1");
+
+    // --header: one header per batch, still one line per record.
+    let out = Command::new(gatehouse_bin())
+        .args([
+            "decode".as_ref(),
+            "--header".as_ref(),
+            dir.path().as_os_str(),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.lines().filter(|l| l.contains("\"batchSeq\"")).count() as u64,
+        n + 2
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.contains("\"clientId\"")).count(),
+        6
+    );
+
+    // A fragment given twice (in the directory and by name) is a duplicate.
+    let (code, lines, stderr) = decode(&[dir.path(), &file(4)]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(lines.len(), 6, "{stderr}");
+
+    // A fragment missing: the rest is printed, the record reported, exit 1.
+    let missing = file(5);
+    let kept = std::fs::read(&missing).unwrap();
+    std::fs::remove_file(&missing).unwrap();
+    let (code, lines, stderr) = decode(&[dir.path()]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    let seqs: Vec<u64> = lines.iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 5, 6]);
+    assert!(
+        stderr.contains("record seq 4")
+            && stderr.contains(&format!("incomplete, {} of {n} fragments", n - 1)),
+        "{stderr}"
+    );
+
+    // A fragment of another payload under the same seq: a corrupt set, naming seq and files.
+    let mut other = big.clone();
+    other[0] ^= 1;
+    let foreign = envelope::fragments(&id(5), &record(4, other), 131_072).unwrap();
+    std::fs::write(&missing, &foreign[3].payload).unwrap();
+    let (code, lines, stderr) = decode(&[dir.path()]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(lines.len(), 5, "{stderr}");
+    assert!(
+        stderr.contains("record seq 4")
+            && stderr.contains("sha256")
+            && stderr.contains(&format!("{:020}.batch", 5)),
+        "{stderr}"
+    );
+    std::fs::write(&missing, kept).unwrap();
+    let (code, lines, _) = decode(&[dir.path()]).await;
+    assert_eq!((code, lines.len()), (Some(0), 6));
+}

@@ -7,20 +7,13 @@
 //!   ids are paired with batches strictly (`PacketIds`): should rumqttc ever report a packet id
 //!   still mapped to an unacknowledged batch, the link is failed and every batch resent, rather
 //!   than risk confirming the wrong one.
-//! - Unconfirmed batches are re-sent after every reconnect with their original bytes and
-//!   `batchSeq`: the cloud sees duplicates only as whole batches with a repeated `batchSeq`.
-//! - A batch the broker refuses, or that ends the connection, every time it is sent alone while
-//!   others get through is dead-lettered after `maxBatchAttempts` (see `sink::window`); a broker
-//!   that refuses everything dead-letters nothing.
-//! - At most `maxInflight` batches are unacknowledged; publishes are paced to
-//!   `maxPublishesPerSec` and `maxBytesPerSec`; CONNECTs are at least one second apart and
-//!   follow an exponential backoff with jitter.
-//! - A watchdog rebuilds a link that is connected but not acknowledging (outstanding batches
-//!   and no PUBACK for `ackTimeoutMs`).
-//! - Failures are logged once per change of cause, in terms an operator can act on.
+//! - Everything else (resend after every reconnect, poison batches, pacing to `maxInflight`,
+//!   `maxPublishesPerSec` and `maxBytesPerSec`, backoff with CONNECTs at least a second apart,
+//!   the watchdog, outage logs) is the delivery engine's (`sink::delivery`); this module is its
+//!   `Transport`: one rumqttc link per connection. A link's failures are described in terms an
+//!   operator can act on (`link.rs`, `tls.rs`).
 
 mod link;
-mod pacing;
 mod tls;
 
 use std::collections::{HashMap, VecDeque};
@@ -28,21 +21,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 
 use self::link::{Link, LinkEvent};
-use self::pacing::{Backoff, TokenBucket};
-use super::window::DeliveryWindow;
-use super::{Batch, Confirmation, Outcome, Sink, SinkFuture};
+use super::delivery::{self, Engine, Event, Failure, Transport};
+use super::{Batch, Confirmation, Sink, SinkFuture};
 use crate::config::MqttUpstream;
-use crate::telemetry;
 
 /// IoT Core allows about one CONNECT per second per client id.
 const MIN_CONNECT_SPACING: Duration = Duration::from_secs(1);
-/// A link up this long without failing has earned a fresh backoff.
-const HEALTHY_AFTER: Duration = Duration::from_secs(30);
-/// IoT Core meters messages in 5 KB units (payload plus topic).
-const BILLING_UNIT: usize = 5 * 1024;
 /// IoT Core's largest PUBLISH payload.
 const MAX_PAYLOAD: usize = 131_072;
 
@@ -84,17 +70,31 @@ impl Sink for MqttSink {
         batches: mpsc::Receiver<Batch>,
         confirmations: mpsc::Sender<Confirmation>,
     ) -> SinkFuture {
-        Box::pin(Runner::new(*self, batches, confirmations).run())
+        let c = &self.config;
+        let settings = delivery::Settings {
+            describe: format!(
+                "MQTT to {}:{} as client {} on topic {}",
+                c.host,
+                c.port.get(),
+                self.client_id,
+                self.topic
+            ),
+            max_inflight: c.max_inflight.get() as usize,
+            publishes_per_sec: c.max_publishes_per_sec.get() as f64,
+            bytes_per_sec: c.max_bytes_per_sec.get() as f64,
+            backoff_min: Duration::from_millis(c.reconnect_min_ms.get()),
+            backoff_max: Duration::from_millis(c.reconnect_max_ms.get()),
+            min_connect_spacing: MIN_CONNECT_SPACING,
+            ack_timeout: Duration::from_millis(c.ack_timeout_ms.get()),
+            max_batch_attempts: c.max_batch_attempts.get() as u32,
+        };
+        let transport = MqttTransport {
+            sink: *self,
+            link: None,
+            ids: PacketIds::default(),
+        };
+        Box::pin(Engine::new(transport, settings, batches, confirmations).run())
     }
-}
-
-/// Why a connection ended.
-enum Ended {
-    /// The batch channel closed: the gateway is shutting down.
-    Shutdown,
-    /// The link failed; the cause, for the operator, and the batch the broker refused by name,
-    /// if that is what ended it.
-    Failed(String, Option<u64>),
 }
 
 /// Pairs rumqttc's packet ids with the batches they carry.
@@ -143,241 +143,86 @@ impl PacketIds {
     }
 }
 
-struct Runner {
+/// The delivery engine's transport: a new rumqttc link per connection, so rumqttc never
+/// retransmits on its own and every resend is the engine's (same batch, same bytes).
+struct MqttTransport {
     sink: MqttSink,
-    batches: mpsc::Receiver<Batch>,
-    confirmations: mpsc::Sender<Confirmation>,
-    /// Batches received and not yet settled; re-sent on every connection.
-    window: DeliveryWindow,
-    publishes: TokenBucket,
-    bytes: TokenBucket,
-    backoff: Backoff,
-    last_connect: Option<Instant>,
-    /// The class of the current outage's cause (`cause_class`), logged once; `None` while the
-    /// link is healthy (it has delivered since the last failure).
-    outage: Option<&'static str>,
-    /// "Upstream connected." was logged since the last logged failure.
-    announced_up: bool,
+    link: Option<Link>,
+    ids: PacketIds,
 }
 
-impl Runner {
-    fn new(
-        sink: MqttSink,
-        batches: mpsc::Receiver<Batch>,
-        confirmations: mpsc::Sender<Confirmation>,
-    ) -> Self {
-        let now = Instant::now();
-        let c = &sink.config;
-        let bytes_per_sec = c.max_bytes_per_sec.get() as f64;
-        Self {
-            publishes: TokenBucket::new(c.max_publishes_per_sec.get() as f64, 1.0, now),
-            // A tenth of a second of burst: a whole batch may go at once, paid for afterwards.
-            bytes: TokenBucket::new(bytes_per_sec, bytes_per_sec / 10.0, now),
-            backoff: Backoff::new(
-                Duration::from_millis(c.reconnect_min_ms.get()),
-                Duration::from_millis(c.reconnect_max_ms.get()),
-            ),
-            window: DeliveryWindow::new(c.max_batch_attempts.get() as u32),
-            sink,
-            batches,
-            confirmations,
-            last_connect: None,
-            outage: None,
-            announced_up: false,
-        }
-    }
-
-    async fn run(mut self) {
-        tracing::info!(
-            host = %self.sink.config.host,
-            port = self.sink.config.port.get(),
-            client_id = %self.sink.client_id,
-            topic = %self.sink.topic,
-            "Upstream link starting."
-        );
-        loop {
-            if let Some(last) = self.last_connect {
-                let spacing =
-                    (last + MIN_CONNECT_SPACING).saturating_duration_since(Instant::now());
-                if !spacing.is_zero() && !self.wait_accepting_batches(spacing).await {
-                    return;
-                }
-            }
-            self.last_connect = Some(Instant::now());
-            let started = Instant::now();
-            let ended = self.connection().await;
-            metrics::gauge!(telemetry::UPSTREAM_CONNECTED).set(0.0);
-            telemetry::PROGRESS.upstream.store(
-                telemetry::UPSTREAM_DOWN,
-                std::sync::atomic::Ordering::Relaxed,
-            );
-            let (cause, refused) = match ended {
-                Ended::Shutdown => return,
-                Ended::Failed(cause, refused) => (cause, refused),
-            };
-            for poison in self.window.connection_ended(refused, &cause) {
-                let batch_seq = poison.batch.batch_seq;
-                tracing::error!(
-                    batch_seq,
-                    records = poison.batch.record_count,
-                    reason = %poison.reason,
-                    "Upstream will not take this batch; moving it to dead_letter (see gatehouse dead-letter)."
-                );
-                let settled = Confirmation {
-                    batch_seq,
-                    outcome: Outcome::DeadLettered(poison.reason),
-                };
-                if self.confirmations.send(settled).await.is_err() {
-                    return;
-                }
-            }
-            let class = cause_class(&cause);
-            metrics::counter!(telemetry::UPSTREAM_ERRORS, "cause" => class).increment(1);
-            if started.elapsed() >= HEALTHY_AFTER {
-                // A long healthy spell ends any outage: the next failure is news.
-                self.backoff.reset();
-                self.outage = None;
-            }
-            let delay = self.backoff.next_delay();
-            // One WARN per change of cause; a flapping link or a broker that keeps refusing
-            // stays at debug until it delivers again.
-            if self.outage != Some(class) {
-                tracing::warn!(
-                    cause = %cause,
-                    held_batches = self.window.len(),
-                    retry_in_ms = delay.as_millis() as u64,
-                    "Upstream link down."
-                );
-                self.outage = Some(class);
-                self.announced_up = false;
-            } else {
-                tracing::debug!(cause = %cause, retry_in_ms = delay.as_millis() as u64, "Upstream still down.");
-            }
-            if !self.wait_accepting_batches(delay).await {
-                return;
-            }
-        }
-    }
-
-    /// Waits `delay` while still taking batches from the batcher (they are held for the next
-    /// connection). Returns false when the channel closed (shutdown).
-    async fn wait_accepting_batches(&mut self, delay: Duration) -> bool {
-        let until = Instant::now() + delay;
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep_until(until) => return true,
-                batch = self.batches.recv() => match batch {
-                    Some(batch) => self.window.hold(batch),
-                    None => return false,
-                },
-            }
-        }
-    }
-
-    /// One connection, from CONNECT to failure (or shutdown).
-    async fn connection(&mut self) -> Ended {
+impl Transport for MqttTransport {
+    async fn connect(&mut self) -> Result<(), Failure> {
         let config = &self.sink.config;
-        let mut link = Link::new(
+        self.ids = PacketIds::default();
+        let link = self.link.insert(Link::new(
             config,
             &self.sink.client_id,
             self.sink.tls.clone(),
             config.max_inflight.get() as u16,
-        );
-        metrics::counter!(telemetry::UPSTREAM_CONNECTS).increment(1);
-        let ack_timeout = Duration::from_millis(config.ack_timeout_ms.get());
-        let max_inflight = config.max_inflight.get() as usize;
-        let mut ids = PacketIds::default();
-        let mut connected = false;
-        // Watchdog reference: the last PUBACK, or when the first outstanding publish went out.
-        let mut progress = Instant::now();
+        ));
         loop {
-            let outstanding = ids.outstanding() > 0;
-            let now = Instant::now();
-            let send_at = now + self.publishes.wait(now).max(self.bytes.wait(now));
-            let can_send =
-                connected && ids.outstanding() < max_inflight && self.window.next().is_some();
-            tokio::select! {
-                event = link.poll() => match event {
-                    Ok(LinkEvent::Connected) => {
-                        connected = true;
-                        progress = Instant::now();
-                        metrics::gauge!(telemetry::UPSTREAM_CONNECTED).set(1.0);
-                        telemetry::PROGRESS
-                            .upstream
-                            .store(telemetry::UPSTREAM_UP, std::sync::atomic::Ordering::Relaxed);
-                        if !self.announced_up {
-                            tracing::info!(
-                                host = %self.sink.config.host,
-                                resending = self.window.len(),
-                                "Upstream connected."
-                            );
-                            self.announced_up = true;
-                        }
-                    }
-                    Ok(LinkEvent::Sent(pkid)) => {
-                        if let Err(cause) = ids.sent(pkid) {
-                            return Ended::Failed(cause, None);
-                        }
-                    }
-                    Ok(LinkEvent::Acked(pkid)) => {
-                        if let Some(seq) = ids.answered(pkid)
-                            && self.window.acknowledged(seq)
-                        {
-                            if self.confirmations.send(Confirmation::delivered(seq)).await.is_err() {
-                                return Ended::Shutdown;
-                            }
-                            metrics::counter!(telemetry::UPSTREAM_ACKS).increment(1);
-                            self.backoff.reset();
-                            self.outage = None;
-                            progress = Instant::now();
-                        }
-                    }
-                    Ok(LinkEvent::Refused(pkid, reason)) => {
-                        // Quota exceeded is throttling, not this batch's fault: back off only.
-                        let refused = ids.answered(pkid).filter(|_| !reason.starts_with("QuotaExceeded"));
-                        return Ended::Failed(
-                            format!(
-                                "broker refused a publish ({reason}); check the IoT policy allows iot:Publish on {}",
-                                self.sink.topic
-                            ),
-                            refused,
-                        );
-                    }
-                    Ok(LinkEvent::Other) => {}
-                    Err(cause) => return Ended::Failed(cause, None),
-                },
-                batch = self.batches.recv() => match batch {
-                    Some(batch) => self.window.hold(batch),
-                    None => return Ended::Shutdown,
-                },
-                _ = tokio::time::sleep_until(send_at), if can_send => {
-                    let Some(batch) = self.window.next() else { continue };
-                    let seq = batch.batch_seq;
-                    let size = batch.payload.len() + self.sink.topic.len();
-                    if let Err(e) = link.publish(&self.sink.topic, batch.payload.clone()) {
-                        return Ended::Failed(format!("link failure: {e}"), None);
-                    }
-                    self.window.sent(seq);
-                    ids.requested(seq);
-                    let now = Instant::now();
-                    self.publishes.take(1.0, now);
-                    self.bytes.take(size as f64, now);
-                    if !outstanding {
-                        progress = now;
-                    }
-                    metrics::counter!(telemetry::UPSTREAM_PUBLISHES).increment(1);
-                    metrics::counter!(telemetry::UPSTREAM_BYTES).increment(size as u64);
-                    metrics::counter!(telemetry::BILLING_UNITS).increment(size.div_ceil(BILLING_UNIT) as u64);
-                }
-                _ = tokio::time::sleep_until(progress + ack_timeout), if connected && outstanding => {
-                    return Ended::Failed(format!(
-                        "watchdog: no PUBACK for {} ms with {} batches outstanding",
-                        ack_timeout.as_millis(),
-                        ids.outstanding()
-                    ), None);
-                }
+            match link.poll().await {
+                Ok(LinkEvent::Connected) => return Ok(()),
+                Ok(_) => {}
+                Err(cause) => return Err(Failure::link(cause)),
             }
         }
+    }
+
+    fn publish(&mut self, batch: &Batch) -> Result<(), Failure> {
+        let link = self
+            .link
+            .as_ref()
+            .ok_or_else(|| Failure::link("link failure: not connected"))?;
+        link.publish(&self.sink.topic, batch.payload.clone())
+            .map_err(|e| Failure::link(format!("link failure: {e}")))?;
+        self.ids.requested(batch.batch_seq);
+        Ok(())
+    }
+
+    async fn next(&mut self) -> Result<Event, Failure> {
+        let Some(link) = self.link.as_mut() else {
+            return std::future::pending().await;
+        };
+        match link.poll().await {
+            Ok(LinkEvent::Sent(pkid)) => self
+                .ids
+                .sent(pkid)
+                .map(|()| Event::Nothing)
+                .map_err(Failure::link),
+            Ok(LinkEvent::Acked(pkid)) => Ok(self
+                .ids
+                .answered(pkid)
+                .map_or(Event::Nothing, Event::Acknowledged)),
+            Ok(LinkEvent::Refused(pkid, reason)) => {
+                // Quota exceeded is throttling, not this batch's fault: back off only.
+                let throttled = reason.starts_with("QuotaExceeded");
+                let refused = self.ids.answered(pkid).filter(|_| !throttled);
+                Err(Failure {
+                    cause: format!(
+                        "broker refused a publish ({reason}); check the IoT policy allows iot:Publish on {}",
+                        self.sink.topic
+                    ),
+                    refused,
+                    transient: throttled,
+                })
+            }
+            Ok(LinkEvent::Connected | LinkEvent::Other) => Ok(Event::Nothing),
+            Err(cause) => Err(Failure::link(cause)),
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.ids.outstanding()
+    }
+
+    fn metered_size(&self, batch: &Batch) -> usize {
+        batch.payload.len() + self.sink.topic.len()
+    }
+
+    fn cause_class(&self, cause: &str) -> &'static str {
+        cause_class(cause)
     }
 }
 
