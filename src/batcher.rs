@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use crate::config::BatchConfig;
 use crate::envelope::{self, BatchIdentity, Codec};
-use crate::journal::{Journal, JournalError, JournalReader, SealedBatch, StoredBatch};
+use crate::journal::{Journal, JournalError, JournalReader, Replace, SealedBatch, StoredBatch};
 use crate::record::{JournaledRecord, now_ms};
 use crate::shutdown::Shutdown;
 use crate::sink::{Batch, Confirmation, Outcome};
@@ -322,17 +322,8 @@ impl Batcher {
         .map_err(|_| JournalError::Closed)?;
 
         let Some(packed) = packed else {
-            // Not even the first record fits: only possible if maxBytes shrank since it was
-            // accepted. Keep it for an operator rather than block the stream forever.
-            let rec = self.buffer.pop_front().expect("buffer is not empty");
-            self.buffer_raw -= rec.record.payload.len();
-            let reason = format!(
-                "record does not fit in batch.maxBytes = {} (it was accepted under a larger limit)",
-                self.max_bytes
-            );
-            tracing::error!(seq = rec.seq, client_id = %rec.record.client_id, %reason, "Moving record to dead_letter.");
-            self.journal.dead_letter(rec.seq, reason).await?;
-            return Ok(None);
+            // The first record does not fit a batch whole: it travels as fragments.
+            return self.seal_fragments().await;
         };
 
         let raw = packed.header.raw_bytes as f64;
@@ -395,6 +386,64 @@ impl Batcher {
             "Sealed batch."
         );
         Ok(Some(batch))
+    }
+
+    /// Seals the front record, too large for one batch, as consecutive fragment batches (all in
+    /// one transaction) and returns the first; the others wait in `resend`, ahead of new seals.
+    /// A record no budget can carry (its metadata alone is too large) is dead-lettered.
+    async fn seal_fragments(&mut self) -> Result<Option<Batch>, JournalError> {
+        let rec = self.buffer.front().cloned().expect("buffer is not empty");
+        let id = BatchIdentity {
+            gateway: self.settings.gateway.clone(),
+            batch_seq: self.next_batch_seq,
+            codec: self.codec,
+            created_at: now_ms(),
+        };
+        let max_bytes = self.max_bytes;
+        let split = tokio::task::spawn_blocking(move || envelope::fragments(&id, &rec, max_bytes))
+            .await
+            .map_err(|_| JournalError::Closed)?;
+        let rec = self.buffer.pop_front().expect("buffer is not empty");
+        self.buffer_raw -= rec.record.payload.len();
+        let parts = match split {
+            Ok(parts) => parts,
+            Err(e) => {
+                let reason = format!("record cannot be carried upstream: {e}");
+                tracing::error!(seq = rec.seq, client_id = %rec.record.client_id, %reason, "Moving record to dead_letter.");
+                self.journal.dead_letter(rec.seq, reason).await?;
+                return Ok(None);
+            }
+        };
+        let sealed: Vec<SealedBatch> = parts.iter().map(|p| self.sealed(p)).collect();
+        self.journal.seal_all(sealed.clone()).await?;
+        self.next_batch_seq += sealed.len() as u64;
+        self.next_pack_at_raw = 0;
+        metrics::counter!(telemetry::BATCHES_OUT).increment(sealed.len() as u64);
+        tracing::debug!(
+            seq = rec.seq,
+            bytes = rec.record.payload.len(),
+            fragments = sealed.len(),
+            "Sealed a record too large for one batch as fragments."
+        );
+        let mut batches = sealed.into_iter().map(stored);
+        let first = batches.next().map(Batch::from);
+        for (i, batch) in batches.enumerate() {
+            self.resend.insert(i, batch);
+        }
+        Ok(first)
+    }
+
+    /// A packed payload as the journal records it.
+    fn sealed(&self, packed: &envelope::Packed) -> SealedBatch {
+        SealedBatch {
+            batch_seq: packed.header.batch_seq,
+            sink: self.settings.sink_name.to_string(),
+            first_seq: packed.header.first_seq,
+            last_seq: packed.header.last_seq,
+            record_count: packed.header.count,
+            created_at: packed.header.created_at,
+            payload: packed.payload.clone(),
+        }
     }
 
     async fn hand_over(
@@ -525,13 +574,7 @@ impl Batcher {
             return Ok(None);
         };
         if stored.payload.len() <= self.max_bytes {
-            return Ok(Some(Batch {
-                batch_seq: stored.batch_seq,
-                record_count: stored.record_count,
-                first_seq: stored.first_seq,
-                last_seq: stored.last_seq,
-                payload: stored.payload,
-            }));
+            return Ok(Some(Batch::from(stored)));
         }
         let mut rebatched = self.rebatch(&stored).await?;
         if rebatched.is_empty() {
@@ -541,60 +584,80 @@ impl Batcher {
         for (i, batch) in rebatched.into_iter().enumerate() {
             self.resend.insert(i, batch);
         }
-        Ok(Some(Batch {
-            batch_seq: first.batch_seq,
-            record_count: first.record_count,
-            first_seq: first.first_seq,
-            last_seq: first.last_seq,
-            payload: first.payload,
-        }))
+        Ok(Some(Batch::from(first)))
     }
 
     /// Packs a stored batch's records into batches that fit `max_bytes`, and replaces it by
-    /// them in the journal. A record that fits no batch is dead-lettered.
+    /// them in the journal: records too large for one batch as fragments; a stored fragment
+    /// batch by a finer split of its record (replacing all its fragment batches). A record no
+    /// budget can carry is dead-lettered.
     async fn rebatch(&mut self, old: &StoredBatch) -> Result<Vec<StoredBatch>, JournalError> {
         let mut records = self
             .reader
             .records_between(old.first_seq, old.last_seq)
             .await?;
+        let payload = old.payload.clone();
+        let stored_split = tokio::task::spawn_blocking(move || {
+            envelope::decode(&payload)
+                .ok()
+                .and_then(|(_, recs)| recs.first().and_then(|r| r.fragment))
+        })
+        .await
+        .map_err(|_| JournalError::Closed)?;
         let mut sealed = Vec::new();
         let mut next_seq = self.next_batch_seq;
+        let id_at = |batch_seq| BatchIdentity {
+            gateway: self.settings.gateway.clone(),
+            batch_seq,
+            codec: self.codec,
+            created_at: now_ms(),
+        };
+        let max_bytes = self.max_bytes;
+        let mut dead = Vec::new();
         while !records.is_empty() {
-            let id = BatchIdentity {
-                gateway: self.settings.gateway.clone(),
-                batch_seq: next_seq,
-                codec: self.codec,
-                created_at: now_ms(),
-            };
-            let max_bytes = self.max_bytes;
+            let id = id_at(next_seq);
             let candidates = records.clone();
-            let packed =
-                tokio::task::spawn_blocking(move || envelope::pack(&id, &candidates, max_bytes))
-                    .await
-                    .map_err(|_| JournalError::Closed)?;
-            let Some(packed) = packed else {
-                let rec = records.remove(0);
-                let reason = format!(
-                    "record does not fit in the {} upstream's payload limit of {} bytes",
-                    self.settings.sink_name, self.max_bytes
-                );
-                tracing::error!(seq = rec.seq, client_id = %rec.record.client_id, %reason, "Moving record to dead_letter.");
-                self.journal.dead_letter(rec.seq, reason).await?;
-                continue;
-            };
-            records.drain(..packed.count);
-            next_seq += 1;
-            sealed.push(SealedBatch {
-                batch_seq: packed.header.batch_seq,
-                sink: self.settings.sink_name.to_string(),
-                first_seq: packed.header.first_seq,
-                last_seq: packed.header.last_seq,
-                record_count: packed.header.count,
-                created_at: packed.header.created_at,
-                payload: packed.payload,
-            });
+            let replaced = stored_split.map(|f| f.count);
+            let parts = tokio::task::spawn_blocking(move || match replaced {
+                Some(count) => envelope::refragments(&id, &candidates[0], max_bytes, count)
+                    .map(|parts| (parts, 1)),
+                None => match envelope::pack(&id, &candidates, max_bytes) {
+                    Some(packed) => {
+                        let count = packed.count;
+                        Ok((vec![packed], count))
+                    }
+                    None => envelope::fragments(&id, &candidates[0], max_bytes).map(|p| (p, 1)),
+                },
+            })
+            .await
+            .map_err(|_| JournalError::Closed)?;
+            match parts {
+                Ok((parts, consumed)) => {
+                    records.drain(..consumed);
+                    next_seq += parts.len() as u64;
+                    sealed.extend(parts.iter().map(|p| self.sealed(p)));
+                }
+                Err(e) => {
+                    let rec = records.remove(0);
+                    dead.push((rec.seq, format!("record cannot be carried upstream: {e}")));
+                }
+            }
         }
-        self.journal.reseal(old.batch_seq, sealed.clone()).await?;
+        for (seq, reason) in dead {
+            tracing::error!(seq, %reason, "Moving record to dead_letter.");
+            self.journal.dead_letter(seq, reason).await?;
+        }
+        let replace = match stored_split {
+            Some(_) => Replace::FragmentsOf(old.first_seq),
+            None => Replace::Batch(old.batch_seq),
+        };
+        self.journal.reseal(replace, sealed.clone()).await?;
+        if stored_split.is_some() {
+            // Its sibling fragments were replaced too: do not send them.
+            let seq = old.first_seq;
+            self.resend
+                .retain(|b| !(b.first_seq == seq && b.last_seq == seq));
+        }
         self.next_batch_seq = next_seq;
         tracing::info!(
             old_batch_seq = old.batch_seq,
@@ -602,21 +665,32 @@ impl Batcher {
             new_batches = sealed.len(),
             "Re-batched a stored batch to fit the upstream's payload limit."
         );
-        Ok(sealed
-            .into_iter()
-            .map(|b| StoredBatch {
-                batch_seq: b.batch_seq,
-                first_seq: b.first_seq,
-                last_seq: b.last_seq,
-                record_count: b.record_count,
-                payload: b.payload,
-            })
-            .collect())
+        Ok(sealed.into_iter().map(stored).collect())
     }
 }
 
-#[cfg(test)]
-mod tests;
+impl From<StoredBatch> for Batch {
+    fn from(stored: StoredBatch) -> Self {
+        Batch {
+            batch_seq: stored.batch_seq,
+            record_count: stored.record_count,
+            first_seq: stored.first_seq,
+            last_seq: stored.last_seq,
+            payload: stored.payload,
+        }
+    }
+}
+
+/// A sealed batch as the stored-batch queue holds it.
+fn stored(b: SealedBatch) -> StoredBatch {
+    StoredBatch {
+        batch_seq: b.batch_seq,
+        first_seq: b.first_seq,
+        last_seq: b.last_seq,
+        record_count: b.record_count,
+        payload: b.payload,
+    }
+}
 
 /// The next value of a settings watch; never, when there is none or its sender is gone.
 async fn next_setting<T: Clone>(watch: &mut Option<tokio::sync::watch::Receiver<T>>) -> Option<T> {

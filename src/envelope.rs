@@ -379,7 +379,7 @@ pub struct Packed {
     pub payload: Bytes,
     pub header: Header,
     /// How many of the offered records it holds (a prefix). For a fragment batch, 1: the record
-    /// it carries a piece of (which is sent once every one of its fragments is).
+    /// it carries a piece of, which is only all sent once every one of its fragment batches is.
     pub count: usize,
     /// `Some` for a fragment batch (version 2): which piece of the record it carries.
     pub fragment: Option<Fragment>,

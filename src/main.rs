@@ -51,6 +51,9 @@ enum Command {
         /// Print each batch's header before its records.
         #[arg(long)]
         header: bool,
+        /// Print fragment records as they are, instead of reassembling large records.
+        #[arg(long)]
+        fragments: bool,
     },
     /// See, export or resend the records the upstream would not take (`dead_letter`).
     DeadLetter {
@@ -64,7 +67,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run { config, metrics } => run(config, metrics),
         Command::CheckConfig { file, deep } => cli::check::run(&file, deep),
-        Command::Decode { paths, header } => cli::decode::run(&paths, header),
+        Command::Decode {
+            paths,
+            header,
+            fragments,
+        } => cli::decode::run(&paths, cli::decode::Options { header, fragments }),
         Command::DeadLetter { action } => cli::dead_letter::run(action),
     }
 }

@@ -29,18 +29,7 @@ pub struct Options {
 }
 
 /// Decodes every input, reassembling fragments; stdin when `paths` is empty.
-pub fn run(paths: &[PathBuf], header: bool) -> ExitCode {
-    run_with(
-        paths,
-        Options {
-            header,
-            fragments: false,
-        },
-    )
-}
-
-/// Decodes every input as `options` say; stdin when `paths` is empty.
-pub fn run_with(paths: &[PathBuf], options: Options) -> ExitCode {
+pub fn run(paths: &[PathBuf], options: Options) -> ExitCode {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut decoder = Decoder {

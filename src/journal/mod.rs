@@ -158,6 +158,16 @@ pub struct SealedBatch {
     pub payload: Bytes,
 }
 
+/// Which unconfirmed batches `Journal::reseal` replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replace {
+    Nothing,
+    /// This batch.
+    Batch(u64),
+    /// Every batch carrying only the record with this seq (its fragments).
+    FragmentsOf(u64),
+}
+
 /// What confirming (or dead-lettering) a batch released.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Released {
@@ -196,7 +206,7 @@ enum Command {
         reply: Reply<()>,
     },
     Reseal {
-        old_batch_seq: u64,
+        replace: Replace,
         batches: Vec<SealedBatch>,
         reply: Reply<()>,
     },
@@ -346,15 +356,26 @@ impl Journal {
         self.request(|reply| Command::Seal { batch, reply }).await
     }
 
-    /// Replaces unconfirmed batch `old_batch_seq` by `batches`, which hold exactly its records
+    /// Records several sealed batches at once: the fragments of one record, which must all be
+    /// sealed or none (a record only partly sealed would never be sent whole).
+    pub async fn seal_all(&self, batches: Vec<SealedBatch>) -> Result<(), JournalError> {
+        self.request(|reply| Command::Reseal {
+            replace: Replace::Nothing,
+            batches,
+            reply,
+        })
+        .await
+    }
+
+    /// Replaces unconfirmed batches (`replace`) by `batches`, which hold exactly their records
     /// (re-batched to fit a smaller payload limit), in one transaction.
     pub async fn reseal(
         &self,
-        old_batch_seq: u64,
+        replace: Replace,
         batches: Vec<SealedBatch>,
     ) -> Result<(), JournalError> {
         self.request(|reply| Command::Reseal {
-            old_batch_seq,
+            replace,
             batches,
             reply,
         })

@@ -683,7 +683,7 @@ async fn adopting_batches_of_another_sink_keeps_them_and_counts_the_oversized() 
         payload: Bytes::from_static(b"small"),
     };
     journal
-        .reseal(2, vec![new(3, 3, 3), new(4, 4, 4)])
+        .reseal(Replace::Batch(2), vec![new(3, 3, 3), new(4, 4, 4)])
         .await
         .unwrap();
     let stored = reader.unconfirmed_batches(0, 100, 10).await.unwrap();

@@ -16,7 +16,9 @@ use super::checkpoint::{Stats, checkpoint_loop};
 use super::dedup::DedupIndex;
 use super::integrity::{self, BackgroundCheck, Health};
 use super::quota::{Quota, Usage};
-use super::{Adoption, Appended, Command, JournalError, Released, Reply, SealedBatch, sibling};
+use super::{
+    Adoption, Appended, Command, JournalError, Released, Replace, Reply, SealedBatch, sibling,
+};
 use crate::config::JournalConfig;
 use crate::record::{Record, now_ms};
 use crate::telemetry;
@@ -458,17 +460,23 @@ fn apply_one(
             Answer::Unit(reply)
         }
         Command::Reseal {
-            old_batch_seq,
+            replace,
             batches,
             reply,
         } => {
-            try_or!(
-                tx.prepare_cached("DELETE FROM batches WHERE batch_seq = ?1")
-                    .and_then(|mut s| s.execute([old_batch_seq as i64])),
-                Unanswered::Unit(reply)
-            );
+            let deleted = match replace {
+                Replace::Nothing => Ok(0),
+                Replace::Batch(batch_seq) => tx
+                    .prepare_cached("DELETE FROM batches WHERE batch_seq = ?1")
+                    .and_then(|mut s| s.execute([batch_seq as i64])),
+                Replace::FragmentsOf(seq) => tx
+                    .prepare_cached("DELETE FROM batches WHERE first_seq = ?1 AND last_seq = ?1")
+                    .and_then(|mut s| s.execute([seq as i64])),
+            };
+            try_or!(deleted, Unanswered::Unit(reply));
             for batch in &batches {
                 try_or!(seal(tx, batch), Unanswered::Unit(reply));
+                quota.reserved_through = quota.reserved_through.max(batch.last_seq);
             }
             Answer::Unit(reply)
         }

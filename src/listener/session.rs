@@ -623,7 +623,9 @@ impl Session {
             seq: u64::MAX,
             record,
         };
-        if !conn.settings.batch_budget.fits_alone(&probe) {
+        // A record larger than one batch travels as fragments; only one whose metadata alone
+        // leaves no room for any payload cannot be carried.
+        if !conn.settings.batch_budget.carries(&probe) {
             metrics::counter!(telemetry::REFUSALS, "reason" => "too_large_for_batch").increment(1);
             let why = format!(
                 "message of {} bytes cannot fit in one upstream batch (batch.maxBytes = {max_batch})",

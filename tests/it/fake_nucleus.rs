@@ -2406,7 +2406,7 @@ mod tests {
 
     fn unhex(s: &str) -> Vec<u8> {
         let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
-        assert!(s.len() % 2 == 0, "odd hex length: {s}");
+        assert!(s.len().is_multiple_of(2), "odd hex length: {s}");
         (0..s.len())
             .step_by(2)
             .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex digit"))
@@ -2469,7 +2469,7 @@ mod tests {
         let text = std::fs::read_to_string(data_dir().join("frames.decoded.txt")).unwrap();
         let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
         assert!(
-            lines.len() % 2 == 0,
+            lines.len().is_multiple_of(2),
             "frames.decoded.txt: odd number of lines"
         );
         lines

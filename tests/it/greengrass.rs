@@ -222,7 +222,9 @@ fn support_tail(s: &str) -> &str {
 
 /// Publishes `payloads` at QoS 1 as `agent`, each acknowledged by the gateway.
 async fn publish(port: u16, agent: &str, payloads: &[Vec<u8>]) {
-    let mut client = AckedPublisher::connect(agent, port).await;
+    let mut options = support::v4_options(agent, port);
+    options.set_max_packet_size(2_000_000, 2_000_000);
+    let mut client = AckedPublisher::connect_with(options).await;
     for payload in payloads {
         client
             .publish(

@@ -3,14 +3,13 @@
 //! MQTT 5 DISCONNECT 0x04, also in the 1-byte form paho and libmosquitto send; never after a
 //! normal DISCONNECT in any of its valid encodings); a second connection with the same client
 //! id takes the session over (MQTT 5: DISCONNECT 0x8E); keep-alive closes silent connections
-//! (0x8D) and spares pinging ones; a message too large for one upstream batch is refused
-//! (MQTT 5: PUBACK 0x83 and the connection lives on; 3.1.1: closed without PUBACK) and
-//! counted; a QoS 2 re-send before PUBREL is journaled once; SIGTERM acknowledges, flushes and
+//! (0x8D) and spares pinging ones; a message larger than one upstream batch is acknowledged and
+//! delivered in fragments (both versions); a QoS 2 re-send before PUBREL is journaled once; SIGTERM acknowledges, flushes and
 //! exits 0 with every PUBACKed message in the outbox; after `kill -9` the journal is resumed
 //! at start-up without any new traffic (the first run holds batches back with a 10-minute
 //! maxDelayMs, the restart uses 200 ms).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -21,8 +20,8 @@ use serde_json::{Value, json};
 use crate::support::{
     ACK_TIMEOUT, AckedPublisher, BackgroundAgent, Gateway, OUTBOX_TIMEOUT, RAW_PINGREQ, RawConnect,
     RawEvent, RawMqtt, client_id, describe_packet, describe_packets, duplicate_seqs, free_port,
-    header_problems, http_get, metric_value, metric_value_with, payload_bytes, poll_until,
-    raw_publish, raw_pubrel, scrape, show, v4_options,
+    header_problems, http_get, metric_value, payload_bytes, poll_until, raw_publish, raw_pubrel,
+    show, v4_options,
 };
 
 /// How long a connection the gateway should close may stay open.
@@ -369,170 +368,74 @@ async fn keep_alive_closes_silent_connections_and_spares_pinging_ones() {
     );
 }
 
-// ---------------------------------------------------------------- 4. too large for a batch
-
-/// The reason string (property 0x1F) of an MQTT 5 PUBACK body.
-fn reason_string(body: &[u8]) -> Option<String> {
-    // pkid (2), reason code (1), property length (variable byte integer), properties.
-    let (mut len, mut at) = (0usize, 3);
-    for shift in [0, 7, 14, 21] {
-        let b = *body.get(at)?;
-        at += 1;
-        len |= ((b & 0x7f) as usize) << shift;
-        if b & 0x80 == 0 {
-            break;
-        }
-    }
-    let props = body.get(at..at + len)?;
-    let mut i = 0;
-    while i < props.len() {
-        let id = props[i];
-        let len = u16::from_be_bytes([*props.get(i + 1)?, *props.get(i + 2)?]) as usize;
-        let s = props.get(i + 3..i + 3 + len)?;
-        match id {
-            0x1F => return String::from_utf8(s.to_vec()).ok(),
-            // User property: a second string follows.
-            0x26 => {
-                let j = i + 3 + len;
-                let len2 = u16::from_be_bytes([*props.get(j)?, *props.get(j + 1)?]) as usize;
-                i = j + 2 + len2;
-            }
-            _ => return None,
-        }
-    }
-    None
-}
+// ---------------------------------------------------------------- 4. larger than a batch
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn message_too_large_for_a_batch_is_refused_and_counted() {
-    let metrics = format!("127.0.0.1:{}", free_port());
+async fn a_message_larger_than_a_batch_is_accepted_and_delivered_in_fragments() {
     let gw = Gateway::start_with(|c| {
         c["batch"]["maxBytes"] = json!(4096);
-        c["metrics"] = json!({ "bind": metrics });
     })
     .await;
     let good = BackgroundAgent::start(gw.port, "big-good-agent").await;
-    // Connected before the refusals, publishes after them.
-    let mut other = AckedPublisher::connect("big-other-agent", gw.port).await;
     let big = |v: u8| {
-        let mut p = format!("too big v{v}: ").into_bytes();
-        p.resize(8 * 1024, b'x');
+        let mut p = format!("too big for one batch v{v}: ").into_bytes();
+        // Incompressible, so it really needs several 4 KB batches.
+        let mut x: u32 = 0x9E37_79B9 ^ v as u32;
+        p.extend((0..20 * 1024).map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            b'a' + (x % 26) as u8
+        }));
         p
     };
-
-    // MQTT 5: PUBACK 0x83 with a reason string, connection stays usable.
-    let mut r5 = RawMqtt::connect(gw.port, &RawConnect::new(5, "big-v5"))
-        .await
-        .unwrap();
-    r5.send(&raw_publish(
-        5,
-        "agents/big-v5/telemetry",
-        1,
-        10,
-        false,
-        &big(5),
-    ))
-    .await
-    .unwrap();
-    let (f, b) = r5
-        .expect_packet("PUBACK for the 8 KB message", ACK_TIMEOUT)
-        .await
-        .unwrap();
-    assert!(
-        f == 0x40 && b.len() >= 3 && b[..2] == [0, 10] && b[2] == 0x83,
-        "MQTT 5 8 KB QoS 1 PUBLISH (pkid 10) with batch.maxBytes 4096: expected PUBACK pkid 10 \
-         reason 0x83, got {}",
-        describe_packet(f, &b)
-    );
-    let why = reason_string(&b);
-    assert!(
-        why.as_deref().is_some_and(|s| !s.trim().is_empty()),
-        "PUBACK 0x83 without a reason string: {}",
-        describe_packet(f, &b)
-    );
-    let small = b"after the big one v5".to_vec();
-    r5.send(&raw_publish(
-        5,
-        "agents/big-v5/telemetry",
-        1,
-        11,
-        false,
-        &small,
-    ))
-    .await
-    .unwrap();
-    check_puback_ok(
-        "small message after the refused one",
-        11,
-        r5.expect_packet("PUBACK", ACK_TIMEOUT).await.unwrap(),
-    )
-    .unwrap();
-
-    // MQTT 3.1.1 cannot refuse a PUBLISH: the connection is closed, nothing acknowledged.
-    let mut r4 = RawMqtt::connect(gw.port, &RawConnect::new(4, "big-v4"))
-        .await
-        .unwrap();
-    r4.send(&raw_publish(
-        4,
-        "agents/big-v4/telemetry",
-        1,
-        12,
-        false,
-        &big(4),
-    ))
-    .await
-    .unwrap();
-    let got = r4
-        .until_closed(CLOSE_TIMEOUT)
-        .await
-        .unwrap_or_else(|e| panic!("3.1.1 8 KB QoS 1 PUBLISH with batch.maxBytes 4096: {e}"));
-    assert!(
-        got.is_empty(),
-        "3.1.1 8 KB PUBLISH: expected a plain close, got {}",
-        describe_packets(&got)
-    );
-
-    let body = scrape(&metrics).await;
-    let refusals = metric_value_with(
-        &body,
-        "gatehouse_refusals_total",
-        r#"reason="too_large_for_batch""#,
-    );
-    assert_eq!(
-        refusals,
-        Some(2.0),
-        "gatehouse_refusals_total{{reason=\"too_large_for_batch\"}} after two refusals; metrics:\n{body}"
-    );
-
-    let after = b"other agent after the refusals".to_vec();
-    other
-        .publish(
-            "agents/big-other-agent/telemetry",
-            QoS::AtLeastOnce,
-            after.clone(),
+    // MQTT 5 and 3.1.1 alike: a success PUBACK, nothing refused, the connection stays usable.
+    for v in [5u8, 4] {
+        let client = format!("big-v{v}");
+        let topic = format!("agents/{client}/telemetry");
+        let mut raw = RawMqtt::connect(gw.port, &RawConnect::new(v, &client))
+            .await
+            .unwrap();
+        raw.send(&raw_publish(v, &topic, 1, 10, false, &big(v)))
+            .await
+            .unwrap();
+        check_puback_ok(
+            "a 20 KB message with batch.maxBytes 4096",
+            10,
+            raw.expect_packet("PUBACK", ACK_TIMEOUT).await.unwrap(),
         )
-        .await
-        .expect("an agent connected during the refusals must be unaffected");
-    assert_eq!(
-        other.errors.load(Ordering::SeqCst),
-        0,
-        "the other agent was disconnected"
-    );
+        .unwrap();
+        raw.send(&RAW_PINGREQ).await.unwrap();
+        let (f, b) = raw.expect_packet("PINGRESP", ACK_TIMEOUT).await.unwrap();
+        assert_eq!(f, 0xD0, "expected PINGRESP, got {}", describe_packet(f, &b));
+    }
     let report = good.finish().await;
     let mut wanted = report.acked.clone();
-    wanted.push(small);
-    wanted.push(after);
-    let recs = gw.wait_for_payloads(&wanted, OUTBOX_TIMEOUT).await;
-    let leaked: Vec<String> = recs
+    wanted.push(big(5));
+    wanted.push(big(4));
+    let recs = poll_until("every message in the outbox", OUTBOX_TIMEOUT, || async {
+        let recs = gw.all_records_reassembled().await;
+        let have: HashSet<Vec<u8>> = recs.iter().map(payload_bytes).collect();
+        let missing = wanted.iter().filter(|p| !have.contains(*p)).count();
+        if missing == 0 {
+            Ok(recs)
+        } else {
+            Err(format!("{missing} of {} missing", wanted.len()))
+        }
+    })
+    .await;
+    let large: Vec<&Value> = recs
         .iter()
-        .map(payload_bytes)
-        .filter(|p| p.starts_with(b"too big"))
-        .map(|p| show(&p[..20]))
+        .filter(|r| payload_bytes(r).starts_with(b"too big"))
         .collect();
-    assert!(
-        leaked.is_empty(),
-        "refused messages reached the outbox: {leaked:?}"
-    );
+    assert_eq!(large.len(), 2, "each large message once");
+    for r in large {
+        assert!(
+            r["fragments"].as_u64().unwrap_or(0) >= 5,
+            "carried in several 4 KB fragment batches: {}",
+            r["fragments"]
+        );
+    }
     assert!(
         report.failures.is_empty() && report.connection_errors == 0 && !report.acked.is_empty(),
         "another agent was disturbed: {} acked, failures {:?}, {} connection errors",
@@ -540,10 +443,9 @@ async fn message_too_large_for_a_batch_is_refused_and_counted() {
         report.failures,
         report.connection_errors
     );
-    // The MQTT 5 connection is still open.
-    r5.send(&RAW_PINGREQ).await.unwrap();
-    let (f, b) = r5.expect_packet("PINGRESP", ACK_TIMEOUT).await.unwrap();
-    assert_eq!(f, 0xD0, "expected PINGRESP, got {}", describe_packet(f, &b));
+    for batch in gw.outbox_records_raw_sizes() {
+        assert!(batch <= 4096, "a batch file of {batch} bytes");
+    }
 }
 
 // ---------------------------------------------------------------- 5. QoS 2

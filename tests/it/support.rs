@@ -321,6 +321,18 @@ impl Gateway {
         out
     }
 
+    /// The size of every batch file in the outbox.
+    pub fn outbox_records_raw_sizes(&self) -> Vec<u64> {
+        std::fs::read_dir(&self.outbox)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".batch"))
+                    .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// All records of the outbox, in file order.
     pub async fn all_records(&self) -> Vec<Value> {
         self.outbox_records()
@@ -328,6 +340,31 @@ impl Gateway {
             .into_iter()
             .flat_map(|b| b.records)
             .collect()
+    }
+
+    /// All records of the outbox, large records reassembled from their fragments, by one
+    /// `gatehouse decode` over the outbox directory. Fragment sets still incomplete (being
+    /// written) are left out; anything else decode reports fails the test.
+    pub async fn all_records_reassembled(&self) -> Vec<Value> {
+        if !self.outbox.exists() {
+            return Vec::new();
+        }
+        let (status, text) = gatehouse_output(["decode".as_ref(), self.outbox.as_os_str()]).await;
+        let records: Vec<Value> = text
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).expect("decode prints JSON"))
+            .collect();
+        let problems: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('{') && !l.trim().is_empty())
+            .filter(|l| !l.contains("incomplete"))
+            .collect();
+        assert!(
+            status.success() || problems.is_empty(),
+            "gatehouse decode of the outbox failed: {problems:?}"
+        );
+        records
     }
 
     /// Wait until every payload in `wanted` is present in the outbox; returns the records.

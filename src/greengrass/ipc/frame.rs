@@ -8,7 +8,7 @@
 //!   lite closes the connection on a frame over 10,000 bytes).
 //! - `Decoder` refuses a frame whose declared length passes its cap before buffering it.
 
-use aws_smithy_eventstream::frame::{DecodedFrame, MessageFrameDecoder, write_message_to};
+use aws_smithy_eventstream::frame::{read_message_from, write_message_to};
 use aws_smithy_types::event_stream::{Header, HeaderValue, Message};
 use bytes::{Buf, Bytes, BytesMut};
 
@@ -179,7 +179,6 @@ pub fn encoded_len(frame: &Frame) -> usize {
 
 /// Reads frames from a byte stream, refusing any whose declared length is over `max_len`.
 pub struct Decoder {
-    inner: MessageFrameDecoder,
     buffer: BytesMut,
     max_len: usize,
 }
@@ -187,7 +186,6 @@ pub struct Decoder {
 impl Decoder {
     pub fn new(max_len: usize) -> Self {
         Self {
-            inner: MessageFrameDecoder::new(),
             buffer: BytesMut::with_capacity(16 * 1024),
             max_len,
         }
@@ -198,22 +196,30 @@ impl Decoder {
         &mut self.buffer
     }
 
-    /// The next complete frame in the buffer, if any.
+    /// The next complete frame in the buffer, if any. The frame's declared length is checked
+    /// before anything else is read; both CRCs are checked by the codec.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, String> {
-        if self.buffer.len() >= 4 {
-            let declared = (&self.buffer[..4]).get_u32() as usize;
-            if declared > self.max_len {
-                return Err(format!(
-                    "frame of {declared} bytes is over the {} byte limit",
-                    self.max_len
-                ));
-            }
+        if self.buffer.len() < 4 {
+            return Ok(None);
         }
-        match self.inner.decode_frame(&mut self.buffer) {
-            Ok(DecodedFrame::Complete(message)) => Frame::from_message(&message).map(Some),
-            Ok(DecodedFrame::Incomplete) => Ok(None),
-            Err(e) => Err(format!("malformed frame: {e}")),
+        let declared = (&self.buffer[..4]).get_u32() as usize;
+        if declared > self.max_len {
+            return Err(format!(
+                "frame of {declared} bytes is over the {} byte limit",
+                self.max_len
+            ));
         }
+        if declared < 16 {
+            return Err(format!(
+                "frame of {declared} bytes is shorter than a frame can be"
+            ));
+        }
+        if self.buffer.len() < declared {
+            return Ok(None);
+        }
+        let mut bytes = self.buffer.split_to(declared).freeze();
+        let message = read_message_from(&mut bytes).map_err(|e| format!("malformed frame: {e}"))?;
+        Frame::from_message(&message).map(Some)
     }
 }
 
