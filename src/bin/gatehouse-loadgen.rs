@@ -75,6 +75,11 @@ struct Args {
     /// Print N sample payloads (one per line) and exit without connecting.
     #[arg(long, value_name = "N")]
     dump: Option<usize>,
+    /// Replay real events instead of generated ones: a JSON-lines file (`.zst` is decompressed),
+    /// split into one contiguous slice per agent; agent i publishes its slice's lines in order,
+    /// from the start again when it runs out. `--payload-size` is then ignored.
+    #[arg(long, value_name = "FILE")]
+    corpus: Option<std::path::PathBuf>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -227,6 +232,8 @@ struct PayloadPool {
     events: Vec<String>,
     filler: Vec<u8>,
     target: usize,
+    /// `--corpus`: real events, and how many agents share them.
+    corpus: Option<(Vec<Vec<u8>>, usize)>,
 }
 
 impl PayloadPool {
@@ -240,6 +247,53 @@ impl PayloadPool {
             events,
             filler,
             target,
+            corpus: None,
+        }
+    }
+
+    /// The pool `args` asks for: generated events, or the `--corpus` file's.
+    fn for_args(args: &Args) -> Result<Self> {
+        let mut pool = Self::new(args.seed, args.payload_size);
+        if let Some(path) = &args.corpus {
+            let file = std::fs::File::open(path)
+                .with_context(|| format!("--corpus {}", path.display()))?;
+            let mut text = Vec::new();
+            if path.extension().is_some_and(|e| e == "zst") {
+                std::io::Read::read_to_end(&mut zstd::Decoder::new(file)?, &mut text)?;
+            } else {
+                std::io::Read::read_to_end(&mut std::io::BufReader::new(file), &mut text)?;
+            }
+            let lines: Vec<Vec<u8>> = text
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(<[u8]>::to_vec)
+                .collect();
+            if lines.len() < args.agents.max(1) {
+                bail!(
+                    "--corpus {}: {} events for {} agents",
+                    path.display(),
+                    lines.len(),
+                    args.agents
+                );
+            }
+            pool.corpus = Some((lines, args.agents.max(1)));
+        }
+        Ok(pool)
+    }
+
+    /// The payloads' mean size, for the reports.
+    fn mean_payload(&self) -> usize {
+        match &self.corpus {
+            Some((lines, _)) => lines.iter().map(Vec::len).sum::<usize>() / lines.len().max(1),
+            None => self.target,
+        }
+    }
+
+    /// The largest payload this pool produces.
+    fn max_payload(&self) -> usize {
+        match &self.corpus {
+            Some((lines, _)) => lines.iter().map(Vec::len).max().unwrap_or(0),
+            None => self.target.max(160) + 8,
         }
     }
 }
@@ -247,6 +301,7 @@ impl PayloadPool {
 /// Per-agent payload builder. One `Vec` allocation per message (rumqttc takes ownership anyway).
 struct PayloadGen {
     pool: Arc<PayloadPool>,
+    index: usize,
     agent_id: String,
     host: String,
     rng: XorShift,
@@ -256,6 +311,7 @@ impl PayloadGen {
     fn new(pool: Arc<PayloadPool>, agent_id: &str, index: usize, seed: u64) -> Self {
         PayloadGen {
             pool,
+            index,
             agent_id: agent_id.to_string(),
             host: format!("ws-{index:05}.corp.example"),
             rng: XorShift::new(seed ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
@@ -263,6 +319,11 @@ impl PayloadGen {
     }
 
     fn make(&mut self, seq: u64, ts_ms: u64) -> Vec<u8> {
+        if let Some((lines, agents)) = &self.pool.corpus {
+            let start = self.index * lines.len() / agents;
+            let end = (self.index + 1) * lines.len() / agents;
+            return lines[start + (seq as usize) % (end - start)].clone();
+        }
         let target = self.pool.target;
         let mut v = Vec::with_capacity(target.max(160) + 8);
         v.extend_from_slice(b"{\"agentId\":\"");
@@ -383,7 +444,7 @@ async fn agent_v4(mut cfg: AgentCfg) -> Result<AgentStats> {
     opts.set_keep_alive(Duration::from_secs(60))
         .set_clean_session(true)
         .set_inflight(args.inflight);
-    let max_packet = (args.payload_size + 1024).max(10 * 1024);
+    let max_packet = (cfg.pool.max_payload() + 1024).max(10 * 1024);
     opts.set_max_packet_size(max_packet, max_packet);
     let cap = args.inflight as usize;
     let (client, mut el) = AsyncClient::new(opts, cap);
@@ -474,7 +535,7 @@ async fn agent_v5(mut cfg: AgentCfg) -> Result<AgentStats> {
         // Without this rumqttc v5 sizes its inflight table to 65535 and, if the server sends no
         // Receive Maximum, allows 65535 unacknowledged publishes.
         .set_outgoing_inflight_upper_limit(args.inflight);
-    let max_packet = (args.payload_size + 1024).max(10 * 1024) as u32;
+    let max_packet = (cfg.pool.max_payload() + 1024).max(10 * 1024) as u32;
     opts.set_max_packet_size(Some(max_packet));
     let mut net = opts.network_options();
     net.set_tcp_nodelay(args.tcp_nodelay);
@@ -582,7 +643,7 @@ struct Summary {
     timed_out: bool,
 }
 
-fn print_result(args: &Args, s: &Summary) {
+fn print_result(args: &Args, s: &Summary, payload: usize) {
     let rate = if s.seconds > 0.0 {
         s.acked as f64 / s.seconds
     } else {
@@ -597,7 +658,7 @@ fn print_result(args: &Args, s: &Summary) {
         rate,
         args.qos,
         args.protocol,
-        args.payload_size,
+        payload,
         args.inflight,
         s.rejected,
         s.errors,
@@ -608,7 +669,7 @@ fn print_result(args: &Args, s: &Summary) {
 async fn run(args: Arc<Args>) -> Result<bool> {
     let total = args.agents as u64 * args.messages;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
-    let pool = Arc::new(PayloadPool::new(args.seed, args.payload_size));
+    let pool = Arc::new(PayloadPool::for_args(&args)?);
     let acked_total = Arc::new(AtomicU64::new(0));
     let (ready_tx, mut ready_rx) = mpsc::channel(args.agents.max(1));
     let (go_tx, go_rx) = watch::channel(false);
@@ -658,7 +719,7 @@ async fn run(args: Arc<Args>) -> Result<bool> {
         connect_started.elapsed().as_secs_f64(),
         if args.protocol == 5 { "5" } else { "3.1.1" },
         args.qos,
-        args.payload_size,
+        pool.mean_payload(),
         args.inflight,
         total
     );
@@ -712,7 +773,7 @@ async fn run(args: Arc<Args>) -> Result<bool> {
                 summary.acked = acked_total.load(Ordering::Relaxed);
                 summary.seconds = start.elapsed().as_secs_f64();
                 eprintln!("timed out after {}s", args.timeout_secs);
-                print_result(&args, &summary);
+                print_result(&args, &summary, pool.mean_payload());
                 return Ok(false);
             }
         }
@@ -724,10 +785,10 @@ async fn run(args: Arc<Args>) -> Result<bool> {
         let median = finish_times[finish_times.len() / 2];
         eprintln!(
             "agent finish times: first {first:.3}s, median {median:.3}s, last {last:.3}s; {:.1} MB/s payload",
-            summary.acked as f64 * args.payload_size as f64 / 1e6 / last.max(1e-9)
+            summary.acked as f64 * pool.mean_payload() as f64 / 1e6 / last.max(1e-9)
         );
     }
-    print_result(&args, &summary);
+    print_result(&args, &summary, pool.mean_payload());
     Ok(summary.errors == 0 && summary.rejected == 0 && summary.acked == total)
 }
 

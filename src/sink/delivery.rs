@@ -26,13 +26,11 @@ use tokio::time::Instant;
 
 use super::pacing::{Backoff, TokenBucket};
 use super::window::DeliveryWindow;
-use super::{Batch, Confirmation, Outcome};
+use super::{BILLING_UNIT, Batch, Confirmation, Outcome};
 use crate::telemetry;
 
 /// A link up this long without failing has earned a fresh backoff.
 const HEALTHY_AFTER: Duration = Duration::from_secs(30);
-/// IoT Core meters messages in 5 KB units (payload plus topic).
-const BILLING_UNIT: usize = 5 * 1024;
 
 /// What a transport reports about a batch it was given.
 #[derive(Debug, Clone, PartialEq, Eq)]

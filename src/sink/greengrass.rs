@@ -49,7 +49,10 @@ impl GreengrassSink {
             Confirm::Cloud => format!("{topic}/{}", u64::MAX),
             Confirm::Nucleus => topic.clone(),
         };
-        let max_payload = payload_budget(&longest_topic, client.max_frame()).min(MAX_IOT_PAYLOAD);
+        let max_payload = super::billing_aligned(
+            payload_budget(&longest_topic, client.max_frame()).min(MAX_IOT_PAYLOAD),
+            longest_topic.len(),
+        );
         Self {
             receipt_topic: config.receipt_topic_for(thing_name),
             config,

@@ -31,6 +31,19 @@ pub use directory::DirectorySink;
 pub use greengrass::{GreengrassSink, payload_budget};
 pub use mqtt::MqttSink;
 
+/// AWS IoT Core meters a publish in 5 KB units of payload plus topic.
+pub const BILLING_UNIT: usize = 5 * 1024;
+
+/// The largest payload of at most `limit` bytes whose publish on a topic of `topic_len` bytes
+/// fills whole billing units: a batch a few bytes past a unit boundary would pay a whole unit
+/// for them (7,296 bytes through nucleus lite cost 2 units, 5,087 cost 1).
+pub fn billing_aligned(limit: usize, topic_len: usize) -> usize {
+    match (limit + topic_len) / BILLING_UNIT {
+        0 => limit,
+        units => units * BILLING_UNIT - topic_len,
+    }
+}
+
 /// A sealed batch on its way upstream.
 #[derive(Debug, Clone)]
 pub struct Batch {
@@ -118,5 +131,18 @@ pub fn build(config: &Config, nucleus: Option<&IpcClient>) -> anyhow::Result<Box
                 crate::greengrass::SOCKET_VAR
             ),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_budgets_fill_whole_billing_units() {
+        let topic = "gatehouse/gw-1/batches".len();
+        assert_eq!(billing_aligned(131_072, topic) + topic, 25 * BILLING_UNIT);
+        assert_eq!(billing_aligned(7_296, topic) + topic, BILLING_UNIT);
+        assert_eq!(billing_aligned(3_000, topic), 3_000, "under one unit: as it is");
     }
 }

@@ -62,7 +62,7 @@ impl Sink for MqttSink {
     }
 
     fn max_payload(&self) -> usize {
-        MAX_PAYLOAD
+        super::billing_aligned(MAX_PAYLOAD, self.topic.len())
     }
 
     fn run(
