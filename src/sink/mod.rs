@@ -143,6 +143,10 @@ mod tests {
         let topic = "gatehouse/gw-1/batches".len();
         assert_eq!(billing_aligned(131_072, topic) + topic, 25 * BILLING_UNIT);
         assert_eq!(billing_aligned(7_296, topic) + topic, BILLING_UNIT);
-        assert_eq!(billing_aligned(3_000, topic), 3_000, "under one unit: as it is");
+        assert_eq!(
+            billing_aligned(3_000, topic),
+            3_000,
+            "under one unit: as it is"
+        );
     }
 }
