@@ -143,50 +143,70 @@ impl Batcher {
         let mut committed = self.journal.committed();
         let mut drain_deadline: Option<Instant> = None;
 
+        // After a journal error, reads and seals wait until then; everything else (shutdown,
+        // confirmations, the drain deadline) stays live meanwhile.
+        let mut retry_at: Option<Instant> = None;
         loop {
-            self.retry_releases().await;
             let committed_now = *committed.borrow_and_update();
+            let may_work = retry_at.is_none_or(|at| Instant::now() >= at);
+            if may_work {
+                retry_at = None;
+                if !self.unreleased.is_empty() {
+                    self.retry_releases().await;
+                    if !self.unreleased.is_empty() {
+                        retry_at = Some(Instant::now() + RETRY_AFTER);
+                    }
+                }
+            }
 
             // 1. Top up the buffer while there is committed data and room, and the sink can take
             //    a batch: records left in the journal meanwhile stay evictable (journal.maxBytes).
-            if self.fetched_through < committed_now
+            if retry_at.is_none()
+                && self.fetched_through < committed_now
                 && self.buffer_raw < self.raw_cap
                 && self.inflight < self.settings.max_inflight
             {
-                if let Err(e) = self.fetch(committed_now).await {
-                    tracing::error!(error = %e, "Failed to read the journal; retrying.");
-                    tokio::time::sleep(RETRY_AFTER).await;
+                match self.fetch(committed_now).await {
+                    Ok(()) => continue,
+                    Err(e) => {
+                        tracing::error!(error = %e, "Failed to read the journal; retrying.");
+                        retry_at = Some(Instant::now() + RETRY_AFTER);
+                    }
                 }
-                continue;
             }
 
             // 2. Hand over what the window allows: stored batches first.
-            while self.inflight < self.settings.max_inflight && self.stored_pending() {
+            while retry_at.is_none()
+                && self.inflight < self.settings.max_inflight
+                && self.stored_pending()
+            {
                 match self.next_stored().await {
                     Ok(Some(batch)) => self.hand_over(&batches, batch).await?,
                     Ok(None) => {}
                     Err(e) => {
                         tracing::error!(error = %e, "Failed to read stored batches; retrying.");
-                        tokio::time::sleep(RETRY_AFTER).await;
-                        break;
+                        retry_at = Some(Instant::now() + RETRY_AFTER);
                     }
                 }
             }
             let draining = drain_deadline.is_some();
-            if self.inflight < self.settings.max_inflight
+            if retry_at.is_none()
+                && self.inflight < self.settings.max_inflight
                 && !self.stored_pending()
                 && !self.buffer.is_empty()
                 && self.should_flush(draining)
             {
                 match self.seal_one(draining).await {
-                    Ok(Some(batch)) => self.hand_over(&batches, batch).await?,
-                    Ok(None) => {}
+                    Ok(Some(batch)) => {
+                        self.hand_over(&batches, batch).await?;
+                        continue;
+                    }
+                    Ok(None) => continue,
                     Err(e) => {
                         tracing::error!(error = %e, "Failed to seal a batch; retrying.");
-                        tokio::time::sleep(RETRY_AFTER).await;
+                        retry_at = Some(Instant::now() + RETRY_AFTER);
                     }
                 }
-                continue;
             }
 
             // 3. Done draining? Everything batched and confirmed, or out of time: what is left
@@ -226,6 +246,7 @@ impl Batcher {
                 }
                 _ = tokio::time::sleep_until(flush_at.unwrap_or(drain_timer)), if flush_at.is_some() && self.inflight < self.settings.max_inflight => {}
                 _ = tokio::time::sleep_until(drain_timer), if drain_deadline.is_some() => {}
+                _ = tokio::time::sleep_until(retry_at.unwrap_or(drain_timer)), if retry_at.is_some() => {}
                 _ = shutdown.wait(), if drain_deadline.is_none() => {
                     tracing::info!("Batcher draining: flushing what is committed.");
                     drain_deadline = Some(Instant::now() + self.settings.drain_grace);
@@ -403,19 +424,24 @@ impl Batcher {
         let split = tokio::task::spawn_blocking(move || envelope::fragments(&id, &rec, max_bytes))
             .await
             .map_err(|_| JournalError::Closed)?;
-        let rec = self.buffer.pop_front().expect("buffer is not empty");
-        self.buffer_raw -= rec.record.payload.len();
+        // The record leaves the buffer only once the journal took it: on an error it is tried
+        // again, never skipped.
         let parts = match split {
             Ok(parts) => parts,
             Err(e) => {
+                let rec = self.buffer.front().expect("buffer is not empty");
                 let reason = format!("record cannot be carried upstream: {e}");
                 tracing::error!(seq = rec.seq, client_id = %rec.record.client_id, %reason, "Moving record to dead_letter.");
                 self.journal.dead_letter(rec.seq, reason).await?;
+                let rec = self.buffer.pop_front().expect("buffer is not empty");
+                self.buffer_raw -= rec.record.payload.len();
                 return Ok(None);
             }
         };
         let sealed: Vec<SealedBatch> = parts.iter().map(|p| self.sealed(p)).collect();
         self.journal.seal_all(sealed.clone()).await?;
+        let rec = self.buffer.pop_front().expect("buffer is not empty");
+        self.buffer_raw -= rec.record.payload.len();
         self.next_batch_seq += sealed.len() as u64;
         self.next_pack_at_raw = 0;
         metrics::counter!(telemetry::BATCHES_OUT).increment(sealed.len() as u64);
@@ -499,11 +525,8 @@ impl Batcher {
         Ok(())
     }
 
+    /// Tries again to record the settlements the journal failed to take.
     async fn retry_releases(&mut self) {
-        if self.unreleased.is_empty() {
-            return;
-        }
-        tokio::time::sleep(RETRY_AFTER).await;
         let pending = std::mem::take(&mut self.unreleased);
         for confirmation in pending {
             if self.apply_settlement(&confirmation).await.is_err() {
@@ -576,7 +599,14 @@ impl Batcher {
         if stored.payload.len() <= self.max_bytes {
             return Ok(Some(Batch::from(stored)));
         }
-        let mut rebatched = self.rebatch(&stored).await?;
+        let mut rebatched = match self.rebatch(&stored).await {
+            Ok(rebatched) => rebatched,
+            Err(e) => {
+                // Tried again after the retry pause; never dropped from this run.
+                self.resend.push_front(stored);
+                return Err(e);
+            }
+        };
         if rebatched.is_empty() {
             return Ok(None);
         }

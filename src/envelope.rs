@@ -173,6 +173,10 @@ pub enum DecodeError {
     Record { index: usize, reason: String },
     #[error("header says {expected} records, body holds {actual}")]
     Count { expected: u32, actual: usize },
+    #[error(
+        "header claims a {0}-byte record stream, over the decoder's {MAX_RAW_BYTES}-byte limit"
+    )]
+    TooLarge(u64),
     /// A version 2 batch that is not exactly one well-formed fragment, or a version 1 batch
     /// holding a fragment.
     #[error("malformed fragment batch: {0}")]
@@ -698,19 +702,26 @@ pub fn decode(payload: &[u8]) -> Result<(Header, Vec<BatchRecord>), DecodeError>
     if header.version != VERSION && header.version != VERSION_FRAGMENT {
         return Err(DecodeError::Version(header.version));
     }
+    if header.raw_bytes > MAX_RAW_BYTES {
+        return Err(DecodeError::TooLarge(header.raw_bytes));
+    }
     let body = &payload[header_end..];
+    // Inflates at most one byte past what the header claims: a corrupt or hostile body
+    // cannot make the decoder allocate more than the (bounded) claim.
+    let limit = header.raw_bytes + 1;
     let raw = match header.codec {
         Codec::None => body.to_vec(),
-        Codec::Zstd => {
-            read_all(zstd::Decoder::new(body).map_err(|e| DecodeError::Body("zstd", e))?)
-                .map_err(|e| DecodeError::Body("zstd", e))?
-        }
-        Codec::Gzip => read_all(flate2::read::GzDecoder::new(body))
+        Codec::Zstd => read_all(
+            zstd::Decoder::new(body).map_err(|e| DecodeError::Body("zstd", e))?,
+            limit,
+        )
+        .map_err(|e| DecodeError::Body("zstd", e))?,
+        Codec::Gzip => read_all(flate2::read::GzDecoder::new(body), limit)
             .map_err(|e| DecodeError::Body("gzip", e))?,
     };
     if raw.len() as u64 != header.raw_bytes {
         return Err(DecodeError::Truncated(
-            "record stream shorter than the header says",
+            "record stream not the length the header says",
         ));
     }
     let actual = crc32(&raw);
@@ -764,9 +775,13 @@ fn check_fragment_batch(header: &Header, records: &[BatchRecord]) -> Result<(), 
     Ok(())
 }
 
-fn read_all(mut reader: impl Read) -> std::io::Result<Vec<u8>> {
+/// The largest record stream `decode` inflates. A batch is at most a few hundred KB on the
+/// wire; even telemetry of one repeated byte does not expand past this.
+pub const MAX_RAW_BYTES: u64 = 1 << 30;
+
+fn read_all(reader: impl Read, limit: u64) -> std::io::Result<Vec<u8>> {
     let mut out = Vec::new();
-    reader.read_to_end(&mut out)?;
+    reader.take(limit).read_to_end(&mut out)?;
     Ok(out)
 }
 
@@ -1045,8 +1060,17 @@ impl Reassembler {
         }
         let pending = self.pending.remove(&key).expect("held above");
         self.pending_bytes -= pending.bytes;
-        let chunks = &pending.splits[&f.count].chunks;
-        let mut payload = Vec::with_capacity(pending.size as usize);
+        let split = &pending.splits[&f.count];
+        if split.bytes != pending.size {
+            let fault = ReassemblyFault::Size {
+                expected: pending.size,
+                actual: split.bytes,
+            };
+            return fail(self, key, fault);
+        }
+        // Sized by the bytes actually held, never by the (untrusted) claimed size alone.
+        let chunks = &split.chunks;
+        let mut payload = Vec::with_capacity(split.bytes as usize);
         for chunk in chunks.values() {
             payload.extend_from_slice(chunk);
         }

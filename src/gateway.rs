@@ -113,12 +113,13 @@ impl Gateway {
                 .await?
                 .with_context(|| format!("journal.path {}", config.journal.path.display()))?;
 
+        let max_payload = sink.max_payload();
         let settings = batcher::Settings {
             gateway: config.thing_name.clone(),
             batch: config.batch.clone(),
             sink_name: sink.name(),
             max_inflight: sink.max_inflight(),
-            max_payload: sink.max_payload(),
+            max_payload,
             drain_grace: DRAIN_GRACE,
             live_batch: self.live_batch,
         };
@@ -137,7 +138,8 @@ impl Gateway {
         let (listeners_stop, listeners_shutdown) = shutdown::channel();
         let registry = Arc::new(Registry::new(&config.sessions));
         let mut listener_tasks = Vec::new();
-        for listener in self.listeners {
+        for mut listener in self.listeners {
+            listener.limit_payload(max_payload, &config);
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, "Listening for agents.");
             }

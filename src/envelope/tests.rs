@@ -854,3 +854,57 @@ fn decode_checks_the_version_and_the_fragment_form() {
         DecodeError::Record { index: 0, .. }
     ));
 }
+
+/// `payload` with its header rewritten by `change`.
+fn with_header(payload: &[u8], change: impl FnOnce(&mut Header)) -> Vec<u8> {
+    let len = read_u32(payload, 4).unwrap() as usize;
+    let mut header: Header = serde_json::from_slice(&payload[8..8 + len]).unwrap();
+    change(&mut header);
+    let json = serde_json::to_vec(&header).unwrap();
+    let mut out = MAGIC.to_vec();
+    out.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&payload[8 + len..]);
+    out
+}
+
+#[test]
+fn a_hostile_header_cannot_make_the_decoder_inflate_without_bound() {
+    let records: Vec<_> = (1..=40).map(|s| record(s, vec![0u8; 20_000])).collect();
+    let packed = pack(&id(Codec::Zstd), &records, 131_072).unwrap();
+    assert!(packed.header.raw_bytes > 500_000);
+
+    // A claim past the decoder's limit is refused before anything is inflated.
+    let huge = with_header(&packed.payload, |h| h.raw_bytes = MAX_RAW_BYTES + 1);
+    let err = decode(&huge).unwrap_err();
+    assert!(matches!(err, DecodeError::TooLarge(_)), "{err}");
+    assert!(err.to_string().contains("limit"), "{err}");
+
+    // A body that inflates past a small claim is refused, having inflated only the claim.
+    let small = with_header(&packed.payload, |h| h.raw_bytes = 1000);
+    let err = decode(&small).unwrap_err();
+    assert!(matches!(err, DecodeError::Truncated(_)), "{err}");
+    let zeros = read_all(std::io::repeat(0).take(10_000_000), 1001).unwrap();
+    assert_eq!(zeros.len(), 1001, "reading stops at the limit");
+}
+
+#[test]
+fn a_fragment_set_claiming_a_huge_size_is_refused_without_allocating_it() {
+    let (_, mut parts) = sample_parts();
+    for part in &mut parts {
+        if let Some(f) = part.fragment.as_mut() {
+            f.size = u64::MAX / 2;
+        }
+    }
+    let mut re = Reassembler::new();
+    let mut outcome = Ok(None);
+    for part in parts {
+        outcome = re.push("gw-test", part);
+        if outcome.is_err() {
+            break;
+        }
+    }
+    let err = outcome.unwrap_err();
+    assert!(matches!(err.fault, ReassemblyFault::Size { .. }), "{err}");
+    assert_eq!(re.pending_bytes(), 0, "the bad set is dropped");
+}

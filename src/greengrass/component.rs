@@ -24,6 +24,9 @@ pub enum Nucleus {
     Java,
 }
 
+/// The longest validity-report message sent (the frame must stay under lite's cap).
+const MAX_REPORT_MESSAGE: usize = 4_000;
+
 /// The IPC frame cap of nucleus lite.
 pub const LITE_MAX_FRAME: usize = 10_000;
 /// The frame cap assumed for the Java nucleus (aws-c-event-stream's was 16 MiB until 2025).
@@ -118,12 +121,19 @@ impl Component {
             .map(|_| ())
     }
 
-    /// Nucleus lite answers GetConfiguration for its own component, `aws.greengrass.NucleusLite`.
+    /// Nucleus lite answers GetConfiguration for its own component, `aws.greengrass.NucleusLite`;
+    /// the Java nucleus says it does not exist. Anything else (a timeout, another error) is not
+    /// a positive sign of the Java nucleus, so the smaller frames of lite are kept: they work on
+    /// both, while a frame over lite's cap would kill the connection.
     pub async fn nucleus(&self) -> Nucleus {
         let probe = json!({"componentName": "aws.greengrass.NucleusLite", "keyPath": []});
         match self.client.request("GetConfiguration", &probe).await {
+            Err(e) if e.service_code() == Some("ResourceNotFoundError") => Nucleus::Java,
             Ok(_) => Nucleus::Lite,
-            Err(_) => Nucleus::Java,
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot tell which nucleus this is; keeping nucleus lite's 10,000-byte IPC frames.");
+                Nucleus::Lite
+            }
         }
     }
 
@@ -164,7 +174,17 @@ impl Component {
                         deployment,
                         "Rejecting a deployment: invalid configuration: {e}"
                     );
-                    json!({"status": "REJECTED", "deploymentId": deployment, "message": e.to_string()})
+                    // Short enough for any nucleus's frame (lite: 10,000 bytes).
+                    let mut message = e.to_string();
+                    if message.len() > MAX_REPORT_MESSAGE {
+                        let mut end = MAX_REPORT_MESSAGE;
+                        while !message.is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        message.truncate(end);
+                        message.push_str(" ...");
+                    }
+                    json!({"status": "REJECTED", "deploymentId": deployment, "message": message})
                 }
             };
             if let Err(e) = self

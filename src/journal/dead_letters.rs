@@ -58,19 +58,61 @@ fn open_error(path: &Path, e: impl std::fmt::Display) -> JournalError {
     }
 }
 
-/// Calls `visit` with every dead letter, oldest first.
-pub fn list_dead_letters(
-    path: &Path,
-    mut visit: impl FnMut(DeadLetter) -> std::io::Result<()>,
-) -> Result<(), JournalError> {
-    if !path.exists() {
-        return Err(open_error(path, "no journal at this path"));
+/// Names the file in an SQLite failure: the operator may have passed the wrong path.
+fn at(path: &Path) -> impl Fn(rusqlite::Error) -> JournalError + '_ {
+    move |e| JournalError::Io {
+        path: path.to_owned(),
+        reason: e.to_string(),
     }
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .map_err(|e| open_error(path, e))?;
+}
+
+/// Opens an existing journal for a dead-letter command and returns its schema version;
+/// refuses a missing file, a file that is not SQLite, and an SQLite file that is not a journal
+/// (never creating or migrating anything in it).
+fn open_journal(path: &Path, flags: OpenFlags) -> Result<(Connection, i64), JournalError> {
+    if !path.is_file() {
+        return Err(open_error(path, "no journal file at this path"));
+    }
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| open_error(path, e))?;
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |row| row.get(0))
         .map_err(|e| open_error(path, e))?;
+    if version == 0 {
+        return Err(JournalError::NotAJournal(path.to_owned()));
+    }
+    if version > schema::CURRENT_VERSION {
+        return Err(JournalError::TooNew {
+            found: version,
+            supported: schema::CURRENT_VERSION,
+        });
+    }
+    Ok((conn, version))
+}
+
+/// Calls `visit` with every dead letter, oldest first.
+pub fn list_dead_letters(
+    path: &Path,
+    visit: impl FnMut(DeadLetter) -> std::io::Result<()>,
+) -> Result<(), JournalError> {
+    let (conn, version) = open_journal(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let mut failure = None;
+    visit_dead_letters(&conn, version, visit, &mut failure).map_err(at(path))?;
+    match failure {
+        Some(e) => Err(JournalError::Io {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Reads the dead letters; stops at the first `visit` failure, left in `failure`.
+fn visit_dead_letters(
+    conn: &Connection,
+    version: i64,
+    mut visit: impl FnMut(DeadLetter) -> std::io::Result<()>,
+    failure: &mut Option<std::io::Error>,
+) -> rusqlite::Result<()> {
     // Version 1 journals lack the columns added by migration 2.
     let extra = if version >= 2 {
         "content_type, user_properties, expires_at, batch_seq"
@@ -104,10 +146,10 @@ pub fn list_dead_letters(
             reason: row.get(6)?,
             moved_at_ms: row.get(7)?,
         };
-        visit(letter).map_err(|e| JournalError::Io {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
+        if let Err(e) = visit(letter) {
+            *failure = Some(e);
+            break;
+        }
     }
     Ok(())
 }
@@ -115,12 +157,13 @@ pub fn list_dead_letters(
 /// Moves the selected dead letters back into the journal's stream, to be batched and sent at
 /// the next start. Returns how many. Fails with `JournalError::Locked` while a gateway runs.
 pub fn retry_dead_letters(path: &Path, selection: &RetrySelection) -> Result<u64, JournalError> {
-    if !path.exists() {
-        return Err(open_error(path, "no journal at this path"));
-    }
+    let (mut conn, _) = open_journal(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
     let _lock = lock_file(path)?;
-    let mut conn = Connection::open(path).map_err(|e| open_error(path, e))?;
     schema::migrate(&mut conn)?;
+    move_back(&mut conn, selection).map_err(at(path))
+}
+
+fn move_back(conn: &mut Connection, selection: &RetrySelection) -> rusqlite::Result<u64> {
     let (condition, params) = selection.condition();
     let tx = conn.transaction()?;
     let (rows, bytes): (i64, i64) = tx.query_row(

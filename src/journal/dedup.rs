@@ -32,12 +32,20 @@ pub(super) struct DedupIndex {
     window_ms: i64,
     max_keys: usize,
     /// Committed keys and when they were (last) armed, ms since the epoch.
-    seen: HashMap<u128, i64>,
+    seen: HashMap<u128, Armed>,
     /// Keys armed by the transaction in progress; merged on commit, dropped on rollback.
-    staged: HashMap<u128, i64>,
+    staged: HashMap<u128, Armed>,
     /// Rows pruned by the transaction in progress; forgotten from `seen` on commit.
     forget: Vec<(u128, i64)>,
     last_prune: Instant,
+}
+
+/// When a key was (last) armed, and by which QoS 0 record, if it was one (such a copy may still
+/// be evicted unsent, so it cannot stand for an acknowledged QoS 1 message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Armed {
+    at: i64,
+    qos0_seq: Option<u64>,
 }
 
 /// The 128-bit index key of a SHA-256 dedup key.
@@ -55,15 +63,20 @@ impl DedupIndex {
     ) -> rusqlite::Result<Self> {
         let window_ms = window.as_millis() as i64;
         let mut seen = HashMap::new();
-        let mut stmt =
-            conn.prepare("SELECT key, seen_at FROM dedup WHERE seen_at >= ?1 ORDER BY seq")?;
+        let mut stmt = conn.prepare(
+            "SELECT key, seen_at, record_seq FROM dedup WHERE seen_at >= ?1 ORDER BY seq",
+        )?;
         let mut rows = stmt.query([now - window_ms])?;
         while let Some(row) = rows.next()? {
             let key: Vec<u8> = row.get(0)?;
             let Ok(key) = <[u8; 16]>::try_from(key.as_slice()) else {
                 continue;
             };
-            seen.insert(u128::from_be_bytes(key), row.get(1)?);
+            let armed = Armed {
+                at: row.get(1)?,
+                qos0_seq: row.get::<_, Option<i64>>(2)?.map(|s| s as u64),
+            };
+            seen.insert(u128::from_be_bytes(key), armed);
         }
         metrics::gauge!(telemetry::DEDUP_KEYS).set(seen.len() as f64);
         Ok(Self {
@@ -77,12 +90,24 @@ impl DedupIndex {
         })
     }
 
-    /// Whether `key` was armed within the window as of `now` (and not disarmed since).
-    pub(super) fn is_duplicate(&self, key: &[u8; 32], now: i64) -> bool {
+    /// Whether a message of `qos` with `key` is a duplicate as of `now`: the key was armed
+    /// within the window (and not disarmed since) by a copy that will be delivered. A QoS 0 copy
+    /// above `evictable_after` (not yet in the batcher's hands) may still be evicted unsent, so
+    /// it does not make a QoS 1/2 message a duplicate.
+    pub(super) fn is_duplicate(
+        &self,
+        key: &[u8; 32],
+        now: i64,
+        qos: u8,
+        evictable_after: u64,
+    ) -> bool {
         let id = short(key);
         let cutoff = now - self.window_ms;
         let last = self.staged.get(&id).or_else(|| self.seen.get(&id));
-        last.is_some_and(|&at| at >= cutoff)
+        last.is_some_and(|armed| {
+            let may_vanish = armed.qos0_seq.is_some_and(|seq| seq > evictable_after);
+            armed.at >= cutoff && !(qos > 0 && may_vanish)
+        })
     }
 
     /// Arms `key` in `tx` for the record just inserted; `qos0_seq` names it when it is a QoS 0
@@ -96,7 +121,7 @@ impl DedupIndex {
     ) -> rusqlite::Result<()> {
         tx.prepare_cached("INSERT INTO dedup (key, seen_at, record_seq) VALUES (?1, ?2, ?3)")?
             .execute(params![&key[..16], now, qos0_seq.map(|s| s as i64)])?;
-        self.staged.insert(short(key), now);
+        self.staged.insert(short(key), Armed { at: now, qos0_seq });
         Ok(())
     }
 
@@ -108,7 +133,7 @@ impl DedupIndex {
         key: &[u8; 32],
         now: i64,
     ) -> rusqlite::Result<bool> {
-        if self.is_duplicate(key, now) {
+        if self.is_duplicate(key, now, 1, u64::MAX) {
             return Ok(true);
         }
         self.arm(tx, key, now, None)?;
@@ -134,7 +159,7 @@ impl DedupIndex {
                 continue;
             };
             let id = u128::from_be_bytes(key);
-            if self.staged.get(&id) == Some(&seen_at) {
+            if self.staged.get(&id).map(|a| a.at) == Some(seen_at) {
                 self.staged.remove(&id);
             }
             self.forget.push((id, seen_at));
@@ -170,7 +195,7 @@ impl DedupIndex {
                 if let Ok(key) = <[u8; 16]>::try_from(key.as_slice()) {
                     let id = u128::from_be_bytes(key);
                     // Only the row that armed the live entry removes it (re-armed keys stay).
-                    if self.seen.get(&id) == Some(&seen_at) {
+                    if self.seen.get(&id).map(|a| a.at) == Some(seen_at) {
                         remaining -= 1;
                         if !expired {
                             early += 1;
@@ -200,7 +225,7 @@ impl DedupIndex {
     /// The transaction committed: staged keys become seen, pruned ones are forgotten.
     pub(super) fn committed(&mut self) {
         for (id, at) in self.forget.drain(..) {
-            if self.seen.get(&id) == Some(&at) {
+            if self.seen.get(&id).map(|a| a.at) == Some(at) {
                 self.seen.remove(&id);
             }
         }

@@ -62,6 +62,8 @@
 //!   retries and restarts, so the cloud can deduplicate by (gateway, batch_seq). The one
 //!   exception: a batch larger than the current sink's payload limit (sealed for another sink)
 //!   is re-batched under new batch seqs (`Journal::reseal`); its records keep their `seq`.
+//!   A new journal numbers from the current time in microseconds (`schema::migrate`), so a
+//!   deleted or quarantined journal's successor does not reuse its predecessor's batch seqs.
 //! - `state.rows` and `state.bytes` equal `COUNT(*)` and `SUM(size)` of `records`, updated in
 //!   the transaction that changes them.
 //!
@@ -121,6 +123,10 @@ pub enum JournalError {
     /// (permissions, I/O error, a directory in its place). It was left untouched.
     #[error("cannot open journal {path}: {reason} (the file was left untouched)")]
     Open { path: PathBuf, reason: String },
+    /// A dead-letter command was pointed at a file that is not a Gatehouse journal (no schema
+    /// version); it was left untouched.
+    #[error("{0} is not a Gatehouse journal (it has no journal schema); check the path")]
+    NotAJournal(PathBuf),
     /// `journal.maxBytes` is reached and nothing may be evicted: the message is refused (not
     /// stored). Transient: room returns as the upstream confirms batches.
     #[error("journal is full (journal.maxBytes = {max_bytes})")]

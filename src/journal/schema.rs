@@ -101,5 +101,25 @@ pub fn migrate(conn: &mut Connection) -> Result<(), JournalError> {
         tx.commit()?;
         tracing::info!(version = index + 1, "Migrated journal schema.");
     }
+    if version == 0 {
+        seed_batch_seq(conn)?;
+    }
+    Ok(())
+}
+
+/// A new journal (first start, a path change, or one replacing a quarantined or deleted file)
+/// numbers its batches from the current time in microseconds, not from 1: the cloud
+/// deduplicates by (gateway, batchSeq), so a restart at 1 would make it drop new batches as
+/// repeats of old ones. Unique as long as no journal ever sealed more than one batch per
+/// microsecond of its life; below 2^53 (exact in a JSON double) until the year 2255.
+fn seed_batch_seq(conn: &Connection) -> Result<(), JournalError> {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    conn.execute(
+        "UPDATE state SET value = MAX(value, ?1) WHERE name = 'next_batch_seq'",
+        [micros],
+    )?;
     Ok(())
 }

@@ -417,7 +417,7 @@ fn apply_one(
             _queued,
         } => {
             if let (Some(key), Some(index)) = (&dedup_key, dedup.as_deref())
-                && index.is_duplicate(key, now)
+                && index.is_duplicate(key, now, record.qos, quota.reserved_through)
             {
                 effect.duplicates += 1;
                 return Ok(Answer::Appended(reply, Ok(Appended::Duplicate)));

@@ -87,6 +87,20 @@ impl Listener {
         self.socket.local_addr()
     }
 
+    /// Caps the ingest check at the sink's payload limit when that is below `batch.maxBytes`,
+    /// so the listener refuses exactly what the batcher could not build a batch for.
+    pub fn limit_payload(&mut self, max_payload: usize, config: &Config) {
+        let settings = Arc::make_mut(&mut self.settings);
+        if max_payload < settings.batch_max_bytes {
+            settings.batch_max_bytes = max_payload;
+            settings.batch_budget = crate::envelope::Budget::new(
+                max_payload,
+                &config.thing_name,
+                config.batch.compression.into(),
+            );
+        }
+    }
+
     /// Accepts until `shutdown` fires, then waits for every session to close.
     pub async fn run(self, journal: Journal, registry: Arc<Registry>, mut shutdown: Shutdown) {
         let mut sessions = JoinSet::new();

@@ -25,7 +25,7 @@ pub const DELIVERY_QUEUE: usize = 1024;
 /// ...and payload bytes queued to one connection at most.
 pub const DELIVERY_QUEUE_BYTES: usize = 16 * 1024 * 1024;
 /// How long a new connection waits for the one it takes over to hand its session over.
-const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
 
 /// A message for an agent.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -51,8 +51,33 @@ type CommitReceiver = oneshot::Receiver<Result<Appended, JournalError>>;
 struct PendingAck {
     pkid: u16,
     qos: u8,
-    /// `None`: nothing to wait for (a QoS 2 re-send already journaled).
-    commit: Option<CommitReceiver>,
+    commit: Commit,
+}
+
+/// What a pending acknowledgement waits for.
+enum Commit {
+    /// The journal's answer.
+    Waiting(CommitReceiver),
+    /// Nothing: a QoS 2 re-send of a message already journaled and PUBRECed.
+    AlreadyJournaled,
+    /// Nothing: refused at ingest, for this reason (answered in order with the others).
+    Refused(String),
+}
+
+/// What became of a message, as its acknowledgement tells the agent.
+enum Outcome {
+    Stored,
+    Failed(JournalError),
+    Refused(String),
+}
+
+impl From<Result<Appended, JournalError>> for Outcome {
+    fn from(result: Result<Appended, JournalError>) -> Self {
+        match result {
+            Ok(_) => Outcome::Stored,
+            Err(e) => Outcome::Failed(e),
+        }
+    }
 }
 
 /// How a connection ended, which decides the Will and the log line.
@@ -284,6 +309,15 @@ impl Connection {
             .event_loop(&mut session, &mut registration, keep_alive, &mut shutdown)
             .await;
         let close = self.finish(&mut session, close).await;
+        // A new connection that took the session over while this one was closing still gets
+        // the session: it waits for it (`TAKEOVER_WAIT`).
+        let close = match close {
+            Close::TakenOver(handover) => Close::TakenOver(handover),
+            other => match registration.takeover.try_recv() {
+                Ok(handover) => Close::TakenOver(handover),
+                Err(_) => other,
+            },
+        };
 
         // The Will: journaled on any end but a normal DISCONNECT or our own shutdown.
         let will_due = match &close {
@@ -293,9 +327,7 @@ impl Connection {
                 true
             }
         };
-        if will_due && let Some(will) = session.will.take() {
-            self.journal_will(&client_id, will).await;
-        }
+        let will = session.will.take().filter(|_| will_due);
         // Unacknowledged deliveries go back to the session for the next connection.
         let mut state = std::mem::take(&mut session.state);
         let mut unacked: Vec<_> = session.outbound.drain().collect();
@@ -363,6 +395,9 @@ impl Connection {
                 keep.then_some((state, lifetime)),
             );
         }
+        if let Some(will) = will {
+            self.journal_will(&client_id, will).await;
+        }
         metrics::gauge!(telemetry::CONNECTIONS).decrement(1.0);
         telemetry::PROGRESS
             .agents_connected
@@ -399,7 +434,7 @@ impl Connection {
             let can_deliver = session.outbound.len() < session.window;
             let expires = keep_alive.map(|ka| last_heard + ka);
             enum Event {
-                Committed(Result<Appended, JournalError>),
+                Committed(Outcome),
                 Read(std::io::Result<usize>),
                 Deliver(Option<Delivery>),
                 Takeover(Takeover),
@@ -466,17 +501,18 @@ impl Connection {
         let deadline = Instant::now() + CLOSE_GRACE;
         let socket_alive = !matches!(close, Close::Dropped(_) | Close::Stalled(_));
         while let Some(mut pending) = session.pending.pop_front() {
-            let result = match pending.commit.as_mut() {
-                Some(rx) => match tokio::time::timeout_at(deadline, rx).await {
-                    Ok(result) => result.unwrap_or(Err(JournalError::Closed)),
+            let outcome = match &mut pending.commit {
+                Commit::Waiting(rx) => match tokio::time::timeout_at(deadline, rx).await {
+                    Ok(result) => Outcome::from(result.unwrap_or(Err(JournalError::Closed))),
+                    // Unknown: the session keeps nothing of it, so a re-send is stored again.
                     Err(_) => break,
                 },
-                None => Ok(Appended::Duplicate),
+                Commit::AlreadyJournaled => Outcome::Stored,
+                Commit::Refused(why) => Outcome::Refused(std::mem::take(why)),
             };
-            if socket_alive {
-                // A further failure here only means fewer acknowledgements; close as planned.
-                let _ = session.acknowledge(self, pending, result);
-            }
+            // Even with the socket gone the outcome updates the session (QoS 2 state); a
+            // further failure here only means fewer acknowledgements: close as planned.
+            let _ = session.acknowledge(self, pending, outcome);
         }
         if socket_alive {
             let reason = match &close {
@@ -603,10 +639,12 @@ impl Session {
         } = publish;
         if qos == 2 && self.state.awaiting_rel.contains(&pkid) {
             // A re-sent QoS 2 PUBLISH we already journaled: acknowledge, do not store twice.
+            // (One re-sent while its first copy's commit is pending is appended again: the
+            // dedup index, or at worst a duplicate record, absorbs it; it is never lost.)
             self.pending.push_back(PendingAck {
                 pkid,
                 qos,
-                commit: None,
+                commit: Commit::AlreadyJournaled,
             });
             return None;
         }
@@ -636,21 +674,16 @@ impl Session {
                 tracing::warn!(topic = %probe.record.topic, %why, similar_not_logged = held_back, "Refused a message.");
             }
             return match (conn.protocol, qos) {
-                (Protocol::V5, 1) => {
-                    conn.send(Outbound::PubAck {
+                (_, 0) => None,
+                // Answered in turn, after the messages before it.
+                (Protocol::V5, _) => {
+                    self.pending.push_back(PendingAck {
                         pkid,
-                        reason: AckReason::Refused(why),
+                        qos,
+                        commit: Commit::Refused(why),
                     });
                     None
                 }
-                (Protocol::V5, 2) => {
-                    conn.send(Outbound::PubRec {
-                        pkid,
-                        reason: AckReason::Refused(why),
-                    });
-                    None
-                }
-                (Protocol::V5, _) => None,
                 (Protocol::V311, _) => Some(Close::Refused(DisconnectReason::PacketTooLarge, why)),
             };
         }
@@ -670,13 +703,10 @@ impl Session {
         }
         match conn.journal.append(record, key).await {
             Ok(commit) => {
-                if qos == 2 {
-                    self.state.awaiting_rel.insert(pkid);
-                }
                 self.pending.push_back(PendingAck {
                     pkid,
                     qos,
-                    commit: Some(commit),
+                    commit: Commit::Waiting(commit),
                 });
                 None
             }
@@ -687,31 +717,40 @@ impl Session {
         }
     }
 
-    /// Sends the acknowledgement for a commit outcome. Returns a close when the outcome leaves
-    /// no way to answer the agent but to disconnect (MQTT 3.1.1 on a journal failure).
+    /// Sends the acknowledgement for an outcome. Returns a close when the outcome leaves no way
+    /// to answer the agent but to disconnect (MQTT 3.1.1 on a journal failure). A QoS 2
+    /// message's packet id is remembered as journaled only once it is (`Outcome::Stored`).
     fn acknowledge(
         &mut self,
         conn: &mut Connection,
         pending: PendingAck,
-        result: Result<Appended, JournalError>,
+        outcome: Outcome,
     ) -> Option<Close> {
-        let reason = match result {
-            Ok(_) => AckReason::Success,
-            Err(e @ JournalError::Full { .. }) => AckReason::QuotaExceeded(e.to_string()),
-            Err(e) => {
+        let reason = match outcome {
+            Outcome::Stored => {
+                if pending.qos == 2 {
+                    self.state.awaiting_rel.insert(pending.pkid);
+                }
+                AckReason::Success
+            }
+            Outcome::Failed(e @ JournalError::Full { .. }) => {
+                AckReason::QuotaExceeded(e.to_string())
+            }
+            Outcome::Failed(e) => {
                 metrics::counter!(telemetry::REFUSALS, "reason" => "journal_error").increment(1);
                 AckReason::Failed(e.to_string())
             }
+            Outcome::Refused(why) => AckReason::Refused(why),
         };
-        if let AckReason::Failed(why) | AckReason::QuotaExceeded(why) = &reason {
-            if pending.qos == 2 {
-                self.state.awaiting_rel.remove(&pending.pkid);
-            }
+        if let AckReason::Failed(why) | AckReason::QuotaExceeded(why) | AckReason::Refused(why) =
+            &reason
+        {
             // MQTT 3.1.1 cannot refuse a PUBLISH: closing without PUBACK makes the agent keep
             // the message and send it again after reconnecting.
             if conn.protocol == Protocol::V311 {
                 let code = match reason {
                     AckReason::QuotaExceeded(_) => DisconnectReason::QuotaExceeded,
+                    AckReason::Refused(_) => DisconnectReason::PacketTooLarge,
                     _ => DisconnectReason::UnspecifiedError,
                 };
                 return Some(Close::Refused(code, why.clone()));
@@ -773,21 +812,25 @@ fn refused_for(e: &ReadError) -> Close {
     Close::Refused(reason, e.to_string())
 }
 
-async fn next_commit(pending: &mut VecDeque<PendingAck>) -> Result<Appended, JournalError> {
-    match pending.front_mut().and_then(|p| p.commit.as_mut()) {
-        Some(rx) => rx.await.unwrap_or(Err(JournalError::Closed)),
-        None => Ok(Appended::Duplicate),
+async fn next_commit(pending: &mut VecDeque<PendingAck>) -> Outcome {
+    match pending.front_mut().map(|p| &mut p.commit) {
+        Some(Commit::Waiting(rx)) => Outcome::from(rx.await.unwrap_or(Err(JournalError::Closed))),
+        Some(Commit::Refused(why)) => Outcome::Refused(std::mem::take(why)),
+        Some(Commit::AlreadyJournaled) | None => Outcome::Stored,
     }
 }
 
-/// The commit outcome of `pending` if it is already known, without waiting.
-fn ready_commit(pending: &mut PendingAck) -> Option<Result<Appended, JournalError>> {
-    match pending.commit.as_mut() {
-        None => Some(Ok(Appended::Duplicate)),
-        Some(rx) => match rx.try_recv() {
-            Ok(result) => Some(result),
+/// The outcome of `pending` if it is already known, without waiting.
+fn ready_commit(pending: &mut PendingAck) -> Option<Outcome> {
+    match &mut pending.commit {
+        Commit::AlreadyJournaled => Some(Outcome::Stored),
+        Commit::Refused(why) => Some(Outcome::Refused(std::mem::take(why))),
+        Commit::Waiting(rx) => match rx.try_recv() {
+            Ok(result) => Some(Outcome::from(result)),
             Err(oneshot::error::TryRecvError::Empty) => None,
-            Err(oneshot::error::TryRecvError::Closed) => Some(Err(JournalError::Closed)),
+            Err(oneshot::error::TryRecvError::Closed) => {
+                Some(Outcome::Failed(JournalError::Closed))
+            }
         },
     }
 }

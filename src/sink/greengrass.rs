@@ -16,7 +16,7 @@
 //!   policy and the topic; a full spool, throttling or being offline is transient (back off,
 //!   nothing is anyone's fault); anything else counts against the batch (poison detection).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -151,7 +151,10 @@ impl Sink for GreengrassSink {
             receipt_topic: self.receipt_topic.clone(),
             receipts: None,
             requests: JoinSet::new(),
+            generation: 0,
+            current_requests: 0,
             awaiting: HashMap::new(),
+            receipted_early: HashSet::new(),
         };
         Box::pin(Engine::new(transport, settings, batches, confirmations).run())
     }
@@ -165,11 +168,21 @@ struct IpcTransport {
     receipt_topic: String,
     /// The receipt subscription (`confirm: "cloud"`), opened at the first connect.
     receipts: Option<Subscription>,
-    /// PublishToIoTCore requests in flight, each answering with its batch seq.
-    requests: JoinSet<(u64, Result<Value, IpcError>)>,
+    /// PublishToIoTCore requests in flight, each answering with its connection generation
+    /// and batch seq.
+    requests: JoinSet<(u64, u64, Result<Value, IpcError>)>,
+    /// Bumped at every connect: answers to requests of an earlier one are stale.
+    generation: u64,
+    /// Requests of the current generation not yet answered.
+    current_requests: usize,
     /// Published batches awaiting their receipt, and when to give up waiting.
     awaiting: HashMap<u64, Instant>,
+    /// Receipts that came before the nucleus's answer (bounded by `EARLY_RECEIPTS`).
+    receipted_early: HashSet<u64>,
 }
+
+/// Early receipts remembered at most (a receipt normally follows the nucleus's answer).
+const EARLY_RECEIPTS: usize = 4096;
 
 impl IpcTransport {
     fn topic_for(&self, batch_seq: u64) -> String {
@@ -189,8 +202,10 @@ impl IpcTransport {
             Ok(_) => match self.confirm {
                 Confirm::Nucleus => Ok(Event::Acknowledged(batch_seq)),
                 Confirm::Cloud => {
-                    self.awaiting
-                        .insert(batch_seq, Instant::now() + self.receipt_timeout);
+                    if !self.receipted_early.remove(&batch_seq) {
+                        self.awaiting
+                            .insert(batch_seq, Instant::now() + self.receipt_timeout);
+                    }
                     Ok(Event::Nothing)
                 }
             },
@@ -243,6 +258,11 @@ impl IpcTransport {
 
 impl Transport for IpcTransport {
     async fn connect(&mut self) -> Result<(), Failure> {
+        // What was in flight before is being sent again by the engine: start afresh.
+        self.generation += 1;
+        self.current_requests = 0;
+        self.awaiting.clear();
+        self.receipted_early.clear();
         if self.confirm == Confirm::Cloud && self.receipts.is_none() {
             let request = json!({"topicName": self.receipt_topic, "qos": "1"});
             match self.client.subscribe("SubscribeToIoTCore", &request).await {
@@ -270,10 +290,12 @@ impl Transport for IpcTransport {
         let request = publish_request(&self.topic_for(batch.batch_seq), &batch.payload);
         let client = self.client.clone();
         let batch_seq = batch.batch_seq;
+        let generation = self.generation;
         self.awaiting.remove(&batch_seq);
+        self.current_requests += 1;
         self.requests.spawn(async move {
             let result = client.request("PublishToIoTCore", &request).await;
-            (batch_seq, result)
+            (generation, batch_seq, result)
         });
         Ok(())
     }
@@ -287,14 +309,27 @@ impl Transport for IpcTransport {
         let until =
             next_deadline.map_or_else(|| Instant::now() + Duration::from_secs(3600), |(_, at)| at);
         tokio::select! {
-            Some(joined) = self.requests.join_next(), if !self.requests.is_empty() => match joined {
-                Ok((batch_seq, result)) => self.answered(batch_seq, result),
+                        Some(joined) = self.requests.join_next(), if !self.requests.is_empty() => match joined {
+                Ok((generation, batch_seq, result)) if generation == self.generation => {
+                    self.current_requests -= 1;
+                    self.answered(batch_seq, result)
+                }
+                // A request of an earlier connection: its success still delivered the batch
+                // (the engine ignores it if it was settled since); its failure is old news.
+                Ok((_, batch_seq, Ok(_))) if self.confirm == Confirm::Nucleus => {
+                    Ok(Event::Acknowledged(batch_seq))
+                }
+                Ok(_) => Ok(Event::Nothing),
                 Err(e) => Err(Failure::link(format!("PublishToIoTCore task failed: {e}"))),
             },
             receipt = next_receipt(&mut self.receipts) => match receipt {
                 Some(Ok(event)) => Ok(match receipt_seq(&event) {
-                    Some(batch_seq) => {
-                        self.awaiting.remove(&batch_seq);
+                                        Some(batch_seq) => {
+                        if self.awaiting.remove(&batch_seq).is_none()
+                            && self.receipted_early.len() < EARLY_RECEIPTS
+                        {
+                            self.receipted_early.insert(batch_seq);
+                        }
                         Event::Acknowledged(batch_seq)
                     }
                     None => {
@@ -321,7 +356,7 @@ impl Transport for IpcTransport {
     }
 
     fn in_flight(&self) -> usize {
-        self.requests.len() + self.awaiting.len()
+        self.current_requests + self.awaiting.len()
     }
 
     fn metered_size(&self, batch: &Batch) -> usize {

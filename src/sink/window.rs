@@ -9,10 +9,10 @@
 //!   dead-lettered; nothing held is ever forgotten.
 //! - A batch is dead-lettered only when it failed *alone* (the only one outstanding when the
 //!   connection ended, or the one the upstream refused by packet id) `max_attempts` times, each
-//!   failure after the first counted only if another batch was acknowledged since the previous
-//!   one. So a link that refuses everything (an IoT policy that denies the topic, an outage)
-//!   dead-letters nothing: it is retried with backoff; only a batch that fails while others get
-//!   through is poison.
+//!   failure counted only if another batch was acknowledged since the previous one (since the
+//!   batch was taken, for the first). So a link that refuses everything (an IoT policy that
+//!   denies the topic, an outage) dead-letters nothing, whatever `max_attempts`: it is retried
+//!   with backoff; only a batch that fails while others get through is poison.
 //! - When a connection ends with several batches outstanding and none named, each of them
 //!   becomes a suspect and is sent alone (nothing else outstanding) once, before new batches:
 //!   the poison one, if any, then fails alone and is counted.
@@ -32,14 +32,22 @@ struct Held {
     suspect: bool,
     /// Counted failures alone.
     strikes: u32,
-    /// `DeliveryWindow::acks` at its last counted failure.
+    /// `DeliveryWindow::acks` when it was taken, then at its last counted failure.
     acks_at_strike: u64,
+    /// `DeliveryWindow::acks` at its last failure alone, counted or not.
+    acks_at_failure: Option<u64>,
 }
 
 impl Held {
     /// Whether it may go (alone) again: it never failed alone, or something got through since.
     fn ready(&self, acks: u64) -> bool {
-        self.strikes == 0 || acks > self.acks_at_strike
+        self.acks_at_failure.is_none_or(|at| acks > at)
+    }
+
+    /// Whether a failure now counts: another batch got through since the last one (or since it
+    /// was taken).
+    fn failure_counts(&self, acks: u64) -> bool {
+        acks > self.acks_at_strike
     }
 }
 
@@ -76,7 +84,8 @@ impl DeliveryWindow {
                 outstanding: false,
                 suspect: false,
                 strikes: 0,
-                acks_at_strike: 0,
+                acks_at_strike: self.acks,
+                acks_at_failure: None,
             },
         );
     }
@@ -197,7 +206,8 @@ impl DeliveryWindow {
             return Vec::new();
         };
         held.suspect = true;
-        if held.ready(acks) {
+        held.acks_at_failure = Some(acks);
+        if held.failure_counts(acks) {
             held.strikes += 1;
             held.acks_at_strike = acks;
         }
@@ -360,12 +370,27 @@ mod tests {
     }
 
     #[test]
-    fn one_attempt_dead_letters_at_the_first_failure_alone() {
-        let mut w = window(&[1], 1);
-        assert_eq!(send_all(&mut w), vec![1]);
+    fn one_attempt_dead_letters_at_the_first_failure_alone_once_others_got_through() {
+        let mut w = window(&[1, 2], 1);
+        assert_eq!(send_all(&mut w), vec![1, 2]);
+        assert!(w.acknowledged(1));
+        // 2 fails alone, after 1 got through: poison at once.
         let dead = w.connection_ended(None, "closed");
         assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].batch.batch_seq, 2);
         assert!(dead[0].reason.contains("closed"), "{}", dead[0].reason);
         assert!(w.is_empty());
+    }
+
+    #[test]
+    fn even_one_attempt_dead_letters_nothing_when_nothing_gets_through() {
+        let mut w = window(&[1, 2, 3], 1);
+        for round in 0..20 {
+            let sent = send_all(&mut w);
+            let refused = (sent.len() == 1).then(|| sent[0]);
+            let dead = w.connection_ended(refused, "refused");
+            assert!(dead.is_empty(), "round {round}: dead-lettered {dead:?}");
+        }
+        assert_eq!(w.len(), 3);
     }
 }

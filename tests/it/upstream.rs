@@ -23,7 +23,7 @@ use serde_json::json;
 
 use crate::support::{
     self, AckedPublisher, BackgroundAgent, RAW_PINGREQ, RawConnect, RawEvent, RawMqtt, client_id,
-    describe_packet, describe_packets, payload_bytes, poll_until, raw_publish, show,
+    describe_packet, describe_packets, payload_bytes, poll_until, raw_publish, raw_pubrel, show,
 };
 use crate::upstream_support::{
     Relay, UP_TOPIC, UPSTREAM_CLIENT_ID, UpBatch, Upstream, assert_clean, log_lines, metric,
@@ -699,6 +699,25 @@ async fn upstream_disk_bound_evicts_qos0_then_refuses_qos1() {
         describe_packet(f, &b)
     );
     refused.push(again);
+    // A QoS 2 PUBLISH refused with PUBREC 0x97 was not stored: its packet id is not held as
+    // "already journaled", so the agent's retry later is stored, not answered from memory.
+    // Its DUP re-send, arriving before the first copy's answer, is refused too: it must not
+    // be answered "already journaled" on the strength of a commit that then failed.
+    let q2 = filler("disk-v5 q2 refused then retried");
+    let mut both = raw_publish(5, topic, 2, 800, false, &q2);
+    both.extend(raw_publish(5, topic, 2, 800, true, &q2));
+    v5.send(&both).await.unwrap();
+    for copy in ["first", "DUP"] {
+        let (f, b) = v5
+            .expect_packet("PUBREC", Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(
+            f == 0x50 && b[..2] == 800u16.to_be_bytes() && b.get(2) == Some(&0x97),
+            "QoS 2 while full ({copy} copy): expected PUBREC 0x97 for packet id 800, got {}",
+            describe_packet(f, &b)
+        );
+    }
 
     // 3. MQTT 3.1.1 cannot say "quota exceeded": the connection is closed without PUBACK.
     let v4_payload = filler("disk-v4 q1 refused");
@@ -811,6 +830,27 @@ async fn upstream_disk_bound_evicts_qos0_then_refuses_qos1() {
         RawEvent::Packet(0x40, b) if b.get(2).copied().unwrap_or(0) == 0 => {}
         other => panic!("QoS 1 after the drain: expected PUBACK 0x00, got {other:?}"),
     }
+    // The refused QoS 2 message, retried with the same packet id, is stored and delivered.
+    v5.send(&raw_publish(5, topic, 2, 800, false, &q2))
+        .await
+        .unwrap();
+    let (f, b) = v5
+        .expect_packet("PUBREC", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(
+        f == 0x50 && b[..2] == 800u16.to_be_bytes() && b.get(2).copied().unwrap_or(0) == 0,
+        "QoS 2 retry after the drain: expected PUBREC 0x00, got {}",
+        describe_packet(f, &b)
+    );
+    v5.send(&raw_pubrel(800)).await.unwrap();
+    let (f, b) = v5
+        .expect_packet("PUBCOMP", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(f, 0x70, "expected PUBCOMP, got {}", describe_packet(f, &b));
+    up.wait_for(&gw, &[("disk-v5".to_string(), q2)], UPSTREAM_TIMEOUT)
+        .await;
     let status = gw.stop().await;
     assert!(status.success(), "graceful stop exited with {status}");
 }

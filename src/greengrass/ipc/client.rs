@@ -2,8 +2,10 @@
 //! its Unix domain socket, carrying request/response operations and subscriptions.
 //!
 //! Guarantees:
-//! - Stream ids are allocated 1, 2, 3, ... under the writer's lock, so they reach the socket in
-//!   order (the nucleus rejects gaps and reordering).
+//! - One writer task owns the socket: frames are queued to it in stream-id order (ids are
+//!   allocated 1, 2, 3, ... together with the queue slot), so they reach the socket in order
+//!   (the nucleus rejects gaps and reordering), and a caller cancelled mid-request cannot tear
+//!   a frame. A write that makes no progress for `WRITE_TIMEOUT` closes the connection.
 //! - No frame larger than `max_frame` is ever written: such a request fails with
 //!   `IpcError::FrameTooLarge` before anything is sent (nucleus lite would close the connection).
 //! - The first message on a stream answers its request whether or not it ends the stream (the
@@ -11,7 +13,8 @@
 //! - A lost connection (EOF, socket error, a connection-level error from the nucleus) fails every
 //!   pending request, ends every subscription, and resolves `closed()`. The client never
 //!   reconnects: its token is only good for this process's first connection.
-//! - Every wait is bounded: requests by `timeout`, subscription events by a bounded channel.
+//! - Every wait is bounded: requests by `timeout`, writes by `WRITE_TIMEOUT`; a subscriber that
+//!   does not keep up with its events loses the subscription (it ends), never the connection.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -31,6 +34,10 @@ use super::frame::{
 
 /// How long the handshake may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a frame's write may take before the connection is given up.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Frames queued for the writer at most.
+const WRITE_QUEUE: usize = 256;
 /// Events queued per subscription before the reader waits for the subscriber.
 const EVENT_QUEUE: usize = 256;
 /// The largest frame accepted from the nucleus (its own cap is 16 to 24 MiB).
@@ -87,14 +94,12 @@ enum Slot {
     },
 }
 
-struct Writer {
-    socket: OwnedWriteHalf,
-    /// The last stream id used.
-    last_stream: i32,
-}
-
 struct Inner {
-    writer: tokio::sync::Mutex<Writer>,
+    /// Frames for the writer task. Queue slots are taken under `last_stream`, so frames are
+    /// queued in stream-id order.
+    outgoing: mpsc::Sender<Vec<u8>>,
+    /// The last stream id used.
+    last_stream: tokio::sync::Mutex<i32>,
     /// Open streams by id. The `std::sync::Mutex` is held only for map updates, never across
     /// an `.await`.
     streams: Mutex<HashMap<i32, Slot>>,
@@ -126,19 +131,11 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        let client = self.client.clone();
-        let stream_id = self.stream_id;
-        client.inner.streams_lock().remove(&stream_id);
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let _ = client
-                    .write(Frame::application(
-                        stream_id,
-                        TERMINATE_STREAM,
-                        Bytes::new(),
-                    ))
-                    .await;
-            });
+        self.client.inner.streams_lock().remove(&self.stream_id);
+        // Best effort: a full queue means the connection is in trouble anyway.
+        let close = Frame::application(self.stream_id, TERMINATE_STREAM, Bytes::new());
+        if let Ok(bytes) = close.encode() {
+            let _ = self.client.inner.outgoing.try_send(bytes);
         }
     }
 }
@@ -239,17 +236,17 @@ impl IpcClient {
             ));
         }
         let (closed, _) = watch::channel(None);
+        let (outgoing, queue) = mpsc::channel(WRITE_QUEUE);
         let inner = Arc::new(Inner {
-            writer: tokio::sync::Mutex::new(Writer {
-                socket: writer,
-                last_stream: 0,
-            }),
+            outgoing,
+            last_stream: tokio::sync::Mutex::new(0),
             streams: Mutex::new(HashMap::new()),
             closed,
             max_frame: std::sync::atomic::AtomicUsize::new(max_frame),
             timeout,
         });
         tokio::spawn(read_loop(reader, decoder, inner.clone()));
+        tokio::spawn(write_loop(writer, queue, inner.clone()));
         Ok(IpcClient { inner })
     }
 
@@ -336,21 +333,28 @@ impl IpcClient {
                 cap,
             });
         }
-        let mut writer = self.inner.writer.lock().await;
+        // Cancel-safe: until the queue slot is ours nothing is allocated; after it, nothing awaits.
+        let mut last = self.inner.last_stream.lock().await;
+        let permit = self
+            .inner
+            .outgoing
+            .reserve()
+            .await
+            .map_err(|_| IpcError::Closed("the writer stopped".into()))?;
         if let Some(reason) = self.inner.closed.borrow().clone() {
             return Err(IpcError::Closed(reason));
         }
-        writer.last_stream += 1;
-        frame.stream_id = writer.last_stream;
-        self.inner.streams_lock().insert(frame.stream_id, slot);
-        let bytes = frame.encode().map_err(IpcError::Protocol)?;
-        if let Err(e) = writer.socket.write_all(&bytes).await {
-            let reason = format!("write failed: {e}");
-            drop(writer);
+        let Some(stream_id) = last.checked_add(1) else {
+            let reason = "stream ids exhausted (2^31 operations on one connection)".to_string();
             self.inner.close(reason.clone());
             return Err(IpcError::Closed(reason));
-        }
-        Ok(frame.stream_id)
+        };
+        frame.stream_id = stream_id;
+        let bytes = frame.encode().map_err(IpcError::Protocol)?;
+        *last = stream_id;
+        self.inner.streams_lock().insert(stream_id, slot);
+        permit.send(bytes);
+        Ok(stream_id)
     }
 
     /// Waits (bounded) for a stream's first message and reads it as a response.
@@ -378,16 +382,6 @@ impl IpcClient {
                 "unexpected {other:?} answering {operation}"
             ))),
         }
-    }
-
-    async fn write(&self, frame: Frame) -> Result<(), IpcError> {
-        let bytes = frame.encode().map_err(IpcError::Protocol)?;
-        let mut writer = self.inner.writer.lock().await;
-        writer
-            .socket
-            .write_all(&bytes)
-            .await
-            .map_err(|e| IpcError::Closed(e.to_string()))
     }
 }
 
@@ -426,6 +420,38 @@ fn service_error(frame: &Frame) -> IpcError {
     IpcError::Service { code, message }
 }
 
+/// Writes queued frames to the socket, each within `WRITE_TIMEOUT`, until the connection ends.
+async fn write_loop(
+    mut socket: OwnedWriteHalf,
+    mut queue: mpsc::Receiver<Vec<u8>>,
+    inner: Arc<Inner>,
+) {
+    let mut closed = inner.closed.subscribe();
+    loop {
+        let bytes = tokio::select! {
+            bytes = queue.recv() => match bytes {
+                Some(bytes) => bytes,
+                None => return,
+            },
+            _ = closed.wait_for(Option::is_some) => return,
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, socket.write_all(&bytes)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                inner.close(format!("write failed: {e}"));
+                return;
+            }
+            Err(_) => {
+                inner.close(format!(
+                    "the nucleus read nothing for {} s",
+                    WRITE_TIMEOUT.as_secs()
+                ));
+                return;
+            }
+        }
+    }
+}
+
 /// Dispatches the nucleus's frames to the streams waiting for them, until the connection ends.
 async fn read_loop(
     mut reader: tokio::net::unix::OwnedReadHalf,
@@ -449,13 +475,12 @@ async fn read_loop(
             MessageType::Ping => {
                 let mut pong = frame.clone();
                 pong.message_type = MessageType::PingResponse;
-                let bytes = match pong.encode() {
-                    Ok(bytes) => bytes,
+                match pong.encode() {
+                    // Best effort: never wait for room here, the reader must keep reading.
+                    Ok(bytes) => {
+                        let _ = inner.outgoing.try_send(bytes);
+                    }
                     Err(e) => break e,
-                };
-                let mut writer = inner.writer.lock().await;
-                if let Err(e) = writer.socket.write_all(&bytes).await {
-                    break format!("write failed: {e}");
                 }
             }
             MessageType::ProtocolError | MessageType::InternalError => {
@@ -514,7 +539,14 @@ async fn dispatch(inner: &Inner, frame: Frame) {
             } else {
                 json_of(&frame)
             };
-            let _ = events.send(event).await;
+            // Never wait here: one slow subscriber would stall every response.
+            if let Err(mpsc::error::TrySendError::Full(_)) = events.try_send(event) {
+                tracing::warn!(
+                    stream_id,
+                    "A subscriber fell {EVENT_QUEUE} events behind; ending its subscription."
+                );
+                inner.streams_lock().remove(&stream_id);
+            }
         }
         Action::Ignore => {}
     }

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::sync::mpsc;
 
 use super::tls;
 use crate::config::{MqttUpstream, MqttVersion};
@@ -28,109 +29,104 @@ pub enum LinkEvent {
     Other,
 }
 
-pub enum Link {
-    V311 {
-        client: rumqttc::AsyncClient,
-        events: Box<rumqttc::EventLoop>,
-    },
-    V5 {
-        client: rumqttc::v5::AsyncClient,
-        events: Box<rumqttc::v5::EventLoop>,
-    },
+/// The publishing half of one rumqttc connection.
+enum Client {
+    V311(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+/// The driving half of one rumqttc connection: its event loop.
+enum EventLoop {
+    V311(Box<rumqttc::EventLoop>),
+    V5(Box<rumqttc::v5::EventLoop>),
 }
 
 /// Largest PUBLISH the link writes: a full batch plus topic and header room.
 const MAX_PACKET: usize = 131_072 + 1024;
 
-impl Link {
-    /// Prepares a connection (nothing happens on the network until `poll`).
-    pub fn new(
-        config: &MqttUpstream,
-        client_id: &str,
-        tls: std::sync::Arc<rustls::ClientConfig>,
-        max_inflight: u16,
-    ) -> Self {
-        let host = config.host.clone();
-        let port = config.port.get() as u16;
-        let keep_alive = Duration::from_secs(config.keep_alive_secs.get());
-        let transport = rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls));
-        let proxy = config.proxy.as_ref().and_then(|p| {
-            let (addr, port) = p.host_port().ok()?;
-            let auth = match (&p.username, &p.password) {
-                (Some(username), password) => rumqttc::ProxyAuth::Basic {
-                    username: username.clone(),
-                    password: password.clone().unwrap_or_default(),
-                },
-                _ => rumqttc::ProxyAuth::None,
-            };
-            Some((addr, port, auth))
-        });
-        // Requests queue: the window plus room, so `try_publish` never finds it full.
-        let capacity = max_inflight as usize + 16;
-        match config.protocol {
-            MqttVersion::V311 => {
-                let mut options = rumqttc::MqttOptions::new(client_id, host, port);
-                options
-                    .set_transport(transport)
-                    .set_keep_alive(keep_alive)
-                    .set_clean_session(true)
-                    .set_inflight(max_inflight)
-                    .set_max_packet_size(MAX_PACKET, MAX_PACKET);
-                if let Some((addr, port, auth)) = proxy {
-                    options.set_proxy(rumqttc::Proxy {
-                        ty: rumqttc::ProxyType::Http,
-                        auth,
-                        addr,
-                        port,
-                    });
-                }
-                let (client, mut events) = rumqttc::AsyncClient::new(options, capacity);
-                let mut network = rumqttc::NetworkOptions::new();
-                network.set_connection_timeout(10);
-                events.set_network_options(network);
-                Link::V311 {
-                    client,
-                    events: Box::new(events),
-                }
+/// Prepares a connection (nothing happens on the network until its event loop is polled).
+fn connection(
+    config: &MqttUpstream,
+    client_id: &str,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    max_inflight: u16,
+) -> (Client, EventLoop) {
+    let host = config.host.clone();
+    let port = config.port.get() as u16;
+    let keep_alive = Duration::from_secs(config.keep_alive_secs.get());
+    let transport = rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls));
+    let proxy = config.proxy.as_ref().and_then(|p| {
+        let (addr, port) = p.host_port().ok()?;
+        let auth = match (&p.username, &p.password) {
+            (Some(username), password) => rumqttc::ProxyAuth::Basic {
+                username: username.clone(),
+                password: password.clone().unwrap_or_default(),
+            },
+            _ => rumqttc::ProxyAuth::None,
+        };
+        Some((addr, port, auth))
+    });
+    // Requests queue: the window plus room, so `try_publish` never finds it full.
+    let capacity = max_inflight as usize + 16;
+    match config.protocol {
+        MqttVersion::V311 => {
+            let mut options = rumqttc::MqttOptions::new(client_id, host, port);
+            options
+                .set_transport(transport)
+                .set_keep_alive(keep_alive)
+                .set_clean_session(true)
+                .set_inflight(max_inflight)
+                .set_max_packet_size(MAX_PACKET, MAX_PACKET);
+            if let Some((addr, port, auth)) = proxy {
+                options.set_proxy(rumqttc::Proxy {
+                    ty: rumqttc::ProxyType::Http,
+                    auth,
+                    addr,
+                    port,
+                });
             }
-            MqttVersion::V5 => {
-                let mut options = rumqttc::v5::MqttOptions::new(client_id, host, port);
-                options
-                    .set_transport(transport)
-                    .set_keep_alive(keep_alive)
-                    .set_clean_start(true)
-                    .set_outgoing_inflight_upper_limit(max_inflight)
-                    .set_max_packet_size(Some(MAX_PACKET as u32))
-                    .set_connection_timeout(10);
-                if let Some((addr, port, auth)) = proxy {
-                    options.set_proxy(rumqttc::v5::Proxy {
-                        ty: rumqttc::v5::ProxyType::Http,
-                        auth: match auth {
-                            rumqttc::ProxyAuth::None => rumqttc::v5::ProxyAuth::None,
-                            rumqttc::ProxyAuth::Basic { username, password } => {
-                                rumqttc::v5::ProxyAuth::Basic { username, password }
-                            }
-                        },
-                        addr,
-                        port,
-                    });
-                }
-                let (client, events) = rumqttc::v5::AsyncClient::new(options, capacity);
-                Link::V5 {
-                    client,
-                    events: Box::new(events),
-                }
+            let (client, mut events) = rumqttc::AsyncClient::new(options, capacity);
+            let mut network = rumqttc::NetworkOptions::new();
+            network.set_connection_timeout(10);
+            events.set_network_options(network);
+            (Client::V311(client), EventLoop::V311(Box::new(events)))
+        }
+        MqttVersion::V5 => {
+            let mut options = rumqttc::v5::MqttOptions::new(client_id, host, port);
+            options
+                .set_transport(transport)
+                .set_keep_alive(keep_alive)
+                .set_clean_start(true)
+                .set_outgoing_inflight_upper_limit(max_inflight)
+                .set_max_packet_size(Some(MAX_PACKET as u32))
+                .set_connection_timeout(10);
+            if let Some((addr, port, auth)) = proxy {
+                options.set_proxy(rumqttc::v5::Proxy {
+                    ty: rumqttc::v5::ProxyType::Http,
+                    auth: match auth {
+                        rumqttc::ProxyAuth::None => rumqttc::v5::ProxyAuth::None,
+                        rumqttc::ProxyAuth::Basic { username, password } => {
+                            rumqttc::v5::ProxyAuth::Basic { username, password }
+                        }
+                    },
+                    addr,
+                    port,
+                });
             }
+            let (client, events) = rumqttc::v5::AsyncClient::new(options, capacity);
+            (Client::V5(client), EventLoop::V5(Box::new(events)))
         }
     }
+}
 
+impl Client {
     /// Requests a QoS 1 publish; it is written (and reported as `Sent`) by `poll`.
-    pub fn publish(&self, topic: &str, payload: Bytes) -> Result<(), String> {
+    fn publish(&self, topic: &str, payload: Bytes) -> Result<(), String> {
         match self {
-            Link::V311 { client, .. } => client
+            Client::V311(client) => client
                 .try_publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
                 .map_err(|e| e.to_string()),
-            Link::V5 { client, .. } => client
+            Client::V5(client) => client
                 .try_publish(
                     topic,
                     rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
@@ -140,12 +136,15 @@ impl Link {
                 .map_err(|e| e.to_string()),
         }
     }
+}
 
+impl EventLoop {
     /// Drives the connection; returns its next event, or the failure that ended it, described
-    /// for an operator.
-    pub async fn poll(&mut self) -> Result<LinkEvent, String> {
+    /// for an operator. Not cancel-safe (rumqttc's event loop is not): only the driver task
+    /// calls it.
+    async fn poll(&mut self) -> Result<LinkEvent, String> {
         match self {
-            Link::V311 { events, .. } => {
+            EventLoop::V311(events) => {
                 use rumqttc::{Event, Outgoing, Packet};
                 match events.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => Ok(LinkEvent::Connected),
@@ -155,7 +154,7 @@ impl Link {
                     Err(e) => Err(describe_v4(&e)),
                 }
             }
-            Link::V5 { events, .. } => {
+            EventLoop::V5(events) => {
                 use rumqttc::Outgoing;
                 use rumqttc::v5::Event;
                 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
@@ -182,6 +181,63 @@ impl Link {
                 }
             }
         }
+    }
+}
+
+/// Events the driver task may have ready before the sink takes them.
+const EVENT_QUEUE: usize = 64;
+
+/// A connection driven by its own task: rumqttc's event loop runs to completion of each step
+/// whatever the sink is doing, and the sink reads its events from a channel (cancel-safe).
+pub struct Link {
+    client: Client,
+    events: mpsc::Receiver<Result<LinkEvent, String>>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Link {
+    /// Prepares a connection and starts driving it.
+    pub fn new(
+        config: &MqttUpstream,
+        client_id: &str,
+        tls: std::sync::Arc<rustls::ClientConfig>,
+        max_inflight: u16,
+    ) -> Self {
+        let (client, mut event_loop) = connection(config, client_id, tls, max_inflight);
+        let (tx, events) = mpsc::channel(EVENT_QUEUE);
+        let driver = tokio::spawn(async move {
+            loop {
+                let event = event_loop.poll().await;
+                let ended = event.is_err();
+                if tx.send(event).await.is_err() || ended {
+                    return;
+                }
+            }
+        });
+        Link {
+            client,
+            events,
+            driver,
+        }
+    }
+
+    /// Requests a QoS 1 publish; it is written (and reported as `Sent`) by the driver.
+    pub fn publish(&self, topic: &str, payload: Bytes) -> Result<(), String> {
+        self.client.publish(topic, payload)
+    }
+
+    /// The next event, or the failure that ended the connection. Cancel-safe.
+    pub async fn poll(&mut self) -> Result<LinkEvent, String> {
+        self.events
+            .recv()
+            .await
+            .unwrap_or_else(|| Err("link failure: the connection's driver stopped".into()))
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.driver.abort();
     }
 }
 
