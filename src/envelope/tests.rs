@@ -562,20 +562,24 @@ fn sample_parts() -> (JournaledRecord, Vec<BatchRecord>) {
     (rec, parts)
 }
 
+/// Feeds `parts` to a new reassembler until one fails; the last outcome and the reassembler.
+fn push_all(
+    parts: Vec<BatchRecord>,
+) -> (Result<Option<Reassembled>, ReassemblyError>, Reassembler) {
+    let mut re = Reassembler::new();
+    let mut outcome = Ok(None);
+    for part in parts {
+        outcome = re.push("gw-test", part);
+        if outcome.is_err() {
+            break;
+        }
+    }
+    (outcome, re)
+}
+
 #[test]
 fn a_corrupt_fragment_set_is_reported_naming_the_record() {
     let (_, parts) = sample_parts();
-    let push_all = |parts: Vec<BatchRecord>| {
-        let mut re = Reassembler::new();
-        let mut outcome = Ok(None);
-        for part in parts {
-            outcome = re.push("gw-test", part);
-            if outcome.is_err() {
-                break;
-            }
-        }
-        (outcome, re)
-    };
 
     // A chunk with a flipped byte: the SHA-256 of the whole does not match.
     let mut flipped = parts.clone();
@@ -896,14 +900,7 @@ fn a_fragment_set_claiming_a_huge_size_is_refused_without_allocating_it() {
             f.size = u64::MAX / 2;
         }
     }
-    let mut re = Reassembler::new();
-    let mut outcome = Ok(None);
-    for part in parts {
-        outcome = re.push("gw-test", part);
-        if outcome.is_err() {
-            break;
-        }
-    }
+    let (outcome, re) = push_all(parts);
     let err = outcome.unwrap_err();
     assert!(matches!(err.fault, ReassemblyFault::Size { .. }), "{err}");
     assert_eq!(re.pending_bytes(), 0, "the bad set is dropped");
