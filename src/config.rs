@@ -85,6 +85,11 @@ pub struct Config {
     /// Agents' persistent MQTT sessions kept while they are disconnected.
     #[serde(default)]
     pub sessions: SessionsConfig,
+    /// What agents may publish and subscribe to, in every listener. A topic is allowed when an
+    /// `allow` rule matches it and no `deny` rule does. Default: publish under
+    /// `agents/${identity}/#`, subscribe to `agents/${identity}/commands/#`.
+    #[serde(default = "default_acl")]
+    pub acl: Vec<AclRuleConfig>,
 }
 
 /// Where the thing name came from.
@@ -135,7 +140,7 @@ impl Default for SessionsConfig {
     }
 }
 
-/// One agent listener (plain MQTT over TCP).
+/// One agent listener: MQTT over TCP or TLS.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ListenerConfig {
@@ -157,6 +162,43 @@ pub struct ListenerConfig {
     /// acknowledged, it sends again). Default 10000.
     #[serde(default = "default_write_timeout_ms")]
     pub write_timeout_ms: Bounded<100, 600_000>,
+    /// TLS for this listener; absent: plain TCP (loopback, or with `allowPlaintext`).
+    #[serde(default)]
+    pub tls: Option<ListenerTls>,
+    /// Accept plain TCP on a non-loopback address (default false).
+    #[serde(default, deserialize_with = "lenient_flag")]
+    pub allow_plaintext: bool,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// An agent may connect only with a client id equal to its identity (default true).
+    #[serde(default = "yes", deserialize_with = "lenient_flag")]
+    pub client_id_binding: bool,
+    /// Connections held at once; more are closed at accept (counted). Default 100000.
+    #[serde(default = "security::default_max_connections")]
+    pub max_connections: Bounded<1, 10_000_000>,
+    /// New connections served per second after `connectionBurst` (a reconnect storm waits in
+    /// the listen backlog instead of starving connected agents). Default 1000.
+    #[serde(default = "security::default_connections_per_sec")]
+    pub connections_per_sec: Bounded<1, 1_000_000>,
+    /// Default 2000.
+    #[serde(default = "security::default_connection_burst")]
+    pub connection_burst: Bounded<1, 1_000_000>,
+    /// PUBLISHes per second one agent may send after `publishBurst`; beyond, its socket is not
+    /// read until it is back under the rate (nothing is dropped). Default 10000.
+    #[serde(default = "security::default_publishes_per_sec")]
+    pub publishes_per_sec: Bounded<1, 10_000_000>,
+    /// Default 20000.
+    #[serde(default = "security::default_publish_burst")]
+    pub publish_burst: Bounded<1, 10_000_000>,
+    /// The longest topic name or filter, in bytes. Default 256.
+    #[serde(default = "security::default_max_topic_length")]
+    pub max_topic_length: Bounded<1, 65_535>,
+    /// The most levels in a topic name or filter. Default 16.
+    #[serde(default = "security::default_max_topic_levels")]
+    pub max_topic_levels: Bounded<1, 1_000>,
+    /// What a denied MQTT 3.1.1 QoS 1/2 PUBLISH gets: `close` (default) or `ignore`.
+    #[serde(default, rename = "onDenied311")]
+    pub on_denied_311: OnDenied,
 }
 
 /// How fsync-heavy the journal is; the window of data a power loss may take.
@@ -747,6 +789,10 @@ impl Config {
                 });
             }
         }
+        for (i, listener) in self.listeners.iter().enumerate() {
+            listener.validate_security(&format!("listeners[{i}]"), &mut errors);
+        }
+        security::validate_acl(&self.acl, &mut errors);
         if self.journal.path.as_os_str().is_empty() {
             errors.push(InvalidKey {
                 key: "journal.path".into(),
@@ -922,6 +968,16 @@ fn lenient_bool<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<boo
     }
 }
 
+/// A boolean, also given as the string `"true"` or `"false"` (nucleus lite).
+fn lenient_flag<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    lenient_bool(deserializer)?
+        .ok_or_else(|| serde::de::Error::custom("expected true or false, got null"))
+}
+
+fn yes() -> bool {
+    true
+}
+
 /// A `host:port` socket address, checked at load time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bind(pub SocketAddr);
@@ -954,13 +1010,8 @@ fn default_thing_name() -> String {
         .unwrap_or_else(|| "gatehouse".to_string())
 }
 fn default_listeners() -> Vec<ListenerConfig> {
-    vec![ListenerConfig {
-        bind: Bind(([127, 0, 0, 1], 1883).into()),
-        max_packet_size: default_max_packet_size(),
-        max_inflight: default_max_inflight(),
-        connect_timeout_ms: default_connect_timeout_ms(),
-        write_timeout_ms: default_write_timeout_ms(),
-    }]
+    let listener = serde_json::json!({"bind": "127.0.0.1:1883"});
+    vec![serde_json::from_value(listener).expect("the default listener is valid")]
 }
 const fn default_max_packet_size() -> Bounded<64, 268_435_455> {
     Bounded::new(256 * 1024)
@@ -1073,6 +1124,12 @@ const fn default_ack_timeout_ms() -> Bounded<1_000, 3_600_000> {
 fn default_log_level() -> String {
     "info".to_string()
 }
+
+mod security;
+pub use security::{
+    AclAction, AclRuleConfig, AuthConfig, AuthKind, IdentityFrom, ListenerTls, OnDenied,
+    default_acl,
+};
 
 #[cfg(test)]
 mod tests;

@@ -52,8 +52,8 @@ impl Gateway {
     /// Binds every listener. Fails with a message naming the address on a bind error.
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
         let mut listeners = Vec::new();
-        for listener in &config.listeners {
-            let settings = listener::Settings::new(listener, &config);
+        for (index, listener) in config.listeners.iter().enumerate() {
+            let settings = listener::Settings::new(listener, &config, index)?;
             listeners.push(Listener::bind(listener.bind.0, settings).await?);
         }
         Ok(Self {

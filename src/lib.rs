@@ -28,6 +28,7 @@ pub mod record;
 pub mod shutdown;
 pub mod sink;
 pub mod telemetry;
+pub mod tls;
 
 #[cfg(test)]
 mod tidy;

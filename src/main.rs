@@ -60,6 +60,11 @@ enum Command {
         #[command(subcommand)]
         action: cli::dead_letter::DeadLetterAction,
     },
+    /// Hash a password read from stdin (argon2id) for a listener's `auth.passwordFile`.
+    PasswordHash {
+        /// Print a whole `USER:HASH` line for the password file.
+        user: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -73,6 +78,7 @@ fn main() -> ExitCode {
             fragments,
         } => cli::decode::run(&paths, cli::decode::Options { header, fragments }),
         Command::DeadLetter { action } => cli::dead_letter::run(action),
+        Command::PasswordHash { user } => cli::password::run(user.as_deref()),
     }
 }
 
@@ -142,7 +148,23 @@ fn run_component(env: gatehouse::greengrass::Environment, metrics: Option<Socket
     }
 }
 
+/// Each agent holds a socket: lift the open-files soft limit to the hard limit (Debian's
+/// default soft limit, 1024, would refuse the 1,000th agent), and say so.
+fn raise_open_files_limit() {
+    match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok((soft, hard)) if soft < hard => match rlimit::increase_nofile_limit(hard) {
+            Ok(now) => tracing::info!(from = soft, to = now, "Raised the open-files limit."),
+            Err(e) => {
+                tracing::warn!(limit = soft, error = %e, "Cannot raise the open-files limit.")
+            }
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "Cannot read the open-files limit."),
+    }
+}
+
 fn runtime() -> Option<tokio::runtime::Runtime> {
+    raise_open_files_limit();
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("gatehouse")

@@ -47,6 +47,7 @@ pub const BATCHES_ADOPTED: &str = "gatehouse_batches_adopted_total";
 pub const SESSIONS_STORED: &str = "gatehouse_sessions_stored";
 pub const SESSIONS_DISCARDED: &str = "gatehouse_sessions_discarded_total";
 pub const WRITE_TIMEOUTS: &str = "gatehouse_agent_write_timeouts_total";
+pub const THROTTLED: &str = "gatehouse_throttled_total";
 
 /// Installs the metrics recorder. With an admin address, also serves Prometheus text at
 /// `http://ADDR/metrics`. Must run inside the tokio runtime.
@@ -180,6 +181,11 @@ fn describe() {
     describe_counter!(
         WRITE_TIMEOUTS,
         "Agents disconnected because a write to them waited past writeTimeoutMs."
+    );
+    describe_counter!(
+        THROTTLED,
+        "Times a rate limit held traffic back: what=connections (listeners[].connectionsPerSec), \
+         what=publishes (listeners[].publishesPerSec, per agent)."
     );
 }
 

@@ -185,6 +185,7 @@ fn every_unknown_key_message_lists_exactly_the_valid_keys() {
                 "logLevel",
                 "metrics",
                 "sessions",
+                "acl",
             ]),
         ),
         (
@@ -196,6 +197,18 @@ fn every_unknown_key_message_lists_exactly_the_valid_keys() {
                 "maxInflight",
                 "connectTimeoutMs",
                 "writeTimeoutMs",
+                "tls",
+                "allowPlaintext",
+                "auth",
+                "clientIdBinding",
+                "maxConnections",
+                "connectionsPerSec",
+                "connectionBurst",
+                "publishesPerSec",
+                "publishBurst",
+                "maxTopicLength",
+                "maxTopicLevels",
+                "onDenied311",
             ]),
         ),
         (
@@ -288,4 +301,71 @@ fn the_thing_name_source_is_known() {
         let unnamed = Config::embedded();
         assert_eq!(unnamed.thing_name_source, ThingNameSource::HostName);
     }
+}
+
+#[test]
+fn agent_security_errors_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("server.pem");
+    std::fs::write(&pem, "not checked here").unwrap();
+    let pem = pem.display();
+    let cases = [
+        (
+            r#"{"listeners": [{"bind": "0.0.0.0:1883"}]}"#.to_string(),
+            "listeners[0].allowPlaintext",
+            "plain TCP on a non-loopback address",
+        ),
+        (
+            r#"{"listeners": [{"bind": "127.0.0.1:1", "auth": {"kind": "certificate"}}]}"#.into(),
+            "listeners[0].auth.kind",
+            "needs a TLS listener",
+        ),
+        (
+            format!(
+                r#"{{"listeners": [{{"bind": "0.0.0.0:8883", "tls": {{"certFile": "{pem}", "keyFile": "{pem}"}}, "auth": {{"kind": "certificate"}}}}]}}"#
+            ),
+            "listeners[0].tls.clientCaFile",
+            "is required for certificate authentication",
+        ),
+        (
+            r#"{"listeners": [{"bind": "0.0.0.0:8883", "tls": {"certFile": "/nope/s.pem", "keyFile": "/nope/s.key"}, "allowPlaintext": true}]}"#.into(),
+            "listeners[0].tls.certFile",
+            "/nope/s.pem",
+        ),
+        (
+            r#"{"listeners": [{"bind": "127.0.0.1:1", "auth": {"kind": "password"}}]}"#.into(),
+            "listeners[0].auth.passwordFile",
+            "is required for password authentication",
+        ),
+        (
+            format!(
+                r#"{{"listeners": [{{"bind": "0.0.0.0:8883", "tls": {{"certFile": "{pem}"}}, "auth": {{"kind": "greengrass"}}}}]}}"#
+            ),
+            "listeners[0].tls.certFile",
+            "must not be set with auth.kind greengrass",
+        ),
+        (
+            r#"{"acl": [{"allow": "publish", "topic": "agents/${nobody}/#"}]}"#.into(),
+            "acl[0].topic",
+            "unknown variable",
+        ),
+        (
+            r#"{"acl": [{"allow": "publish", "deny": "all", "topic": "a"}]}"#.into(),
+            "acl[0]",
+            "has both",
+        ),
+    ];
+    for (json, key, reason) in cases {
+        let message = error_of(&json);
+        assert!(
+            message.contains(key) && message.contains(reason),
+            "{json}: expected {key:?} and {reason:?} in {message:?}"
+        );
+    }
+    // Explicitly allowed, plain TCP on the network is accepted; loopback needs nothing.
+    Config::from_json(r#"{"listeners": [{"bind": "0.0.0.0:1883", "allowPlaintext": "true"}]}"#)
+        .unwrap();
+    let config = Config::from_json(r#"{"listeners": [{"bind": "127.0.0.1:1883"}]}"#).unwrap();
+    assert!(config.listeners[0].client_id_binding);
+    assert_eq!(config.listeners[0].auth_kind(), AuthKind::None);
 }

@@ -36,6 +36,10 @@ pub struct ConnectRequest {
     pub keep_alive_secs: u16,
     pub will: Option<Will>,
     pub username: Option<String>,
+    /// Never logged.
+    pub password: Option<String>,
+    /// The agent sent an empty client id and the gateway chose `client_id`.
+    pub client_id_was_assigned: bool,
     /// MQTT 5: how many QoS>0 PUBLISHes the client accepts in flight from us.
     pub receive_maximum: Option<u16>,
     /// MQTT 5: the largest packet the client accepts from us.
@@ -123,6 +127,10 @@ pub enum ConnAckCode {
     UnsupportedProtocol,
     ClientIdRejected,
     Malformed,
+    BadCredentials,
+    NotAuthorized,
+    /// A dependency (client device auth) could not answer; the agent may retry.
+    ServerUnavailable,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +143,20 @@ pub enum AckReason {
     Failed(String),
     /// The journal is full (MQTT 5 reason 0x97, Quota exceeded); the agent should retry later.
     QuotaExceeded(String),
+    /// The ACL does not allow it (MQTT 5 reason 0x87).
+    NotAuthorized(String),
+    /// The topic breaks a limit (MQTT 5 reason 0x90, Topic Name invalid).
+    TopicNameInvalid(String),
+}
+
+/// The answer to one SUBSCRIBE filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubResult {
+    Granted(u8),
+    /// Not a valid filter, or over a topic limit.
+    Invalid,
+    /// The ACL does not allow it.
+    NotAuthorized,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,6 +171,7 @@ pub enum DisconnectReason {
     SessionTakenOver,
     ServerShuttingDown,
     UnspecifiedError,
+    NotAuthorized,
 }
 
 impl std::fmt::Display for DisconnectReason {
@@ -164,6 +187,7 @@ impl std::fmt::Display for DisconnectReason {
             Self::SessionTakenOver => "session taken over",
             Self::ServerShuttingDown => "server shutting down",
             Self::UnspecifiedError => "unspecified error",
+            Self::NotAuthorized => "not authorized",
         })
     }
 }
@@ -194,7 +218,7 @@ pub enum Outbound {
     },
     SubAck {
         pkid: u16,
-        granted: Vec<Option<u8>>,
+        granted: Vec<SubResult>,
     },
     UnsubAck {
         pkid: u16,
@@ -308,7 +332,9 @@ pub fn read_connect(
                     qos: w.qos as u8,
                     properties: RecordProperties::default(),
                 }),
-                username: c.login.map(|l| l.username),
+                username: c.login.as_ref().map(|l| l.username.clone()),
+                password: c.login.map(|l| l.password),
+                client_id_was_assigned: false,
                 receive_maximum: None,
                 max_packet_size: None,
                 session_expiry_secs: None,
@@ -347,7 +373,9 @@ pub fn read_connect(
                     clean_start: c.clean_start,
                     keep_alive_secs: c.keep_alive,
                     will,
-                    username: login.map(|l| l.username),
+                    username: login.as_ref().map(|l| l.username.clone()),
+                    password: login.map(|l| l.password),
+                    client_id_was_assigned: false,
                     receive_maximum: props.receive_maximum,
                     max_packet_size: props.max_packet_size,
                     session_expiry_secs: Some(props.session_expiry_interval.unwrap_or(0)),
@@ -528,7 +556,9 @@ fn write_v4(packet: &Outbound, out: &mut BytesMut) -> Result<usize, rumqttc::mqt
                 ConnAckCode::Accepted => Rc::Success,
                 ConnAckCode::UnsupportedProtocol => Rc::RefusedProtocolVersion,
                 ConnAckCode::ClientIdRejected => Rc::BadClientId,
-                ConnAckCode::Malformed => Rc::ServiceUnavailable,
+                ConnAckCode::Malformed | ConnAckCode::ServerUnavailable => Rc::ServiceUnavailable,
+                ConnAckCode::BadCredentials => Rc::BadUserNamePassword,
+                ConnAckCode::NotAuthorized => Rc::NotAuthorized,
             },
             *session_present,
         )),
@@ -541,8 +571,10 @@ fn write_v4(packet: &Outbound, out: &mut BytesMut) -> Result<usize, rumqttc::mqt
             granted
                 .iter()
                 .map(|g| match g {
-                    Some(q) => v4::SubscribeReasonCode::Success(qos_v4(*q)),
-                    None => v4::SubscribeReasonCode::Failure,
+                    SubResult::Granted(q) => v4::SubscribeReasonCode::Success(qos_v4(*q)),
+                    SubResult::Invalid | SubResult::NotAuthorized => {
+                        v4::SubscribeReasonCode::Failure
+                    }
                 })
                 .collect(),
         )),
@@ -579,6 +611,9 @@ fn write_v5(packet: &Outbound, out: &mut BytesMut) -> Result<usize, rumqttc::v5:
                 ConnAckCode::UnsupportedProtocol => Rc::UnsupportedProtocolVersion,
                 ConnAckCode::ClientIdRejected => Rc::ClientIdentifierNotValid,
                 ConnAckCode::Malformed => Rc::MalformedPacket,
+                ConnAckCode::BadCredentials => Rc::BadUserNamePassword,
+                ConnAckCode::NotAuthorized => Rc::NotAuthorized,
+                ConnAckCode::ServerUnavailable => Rc::ServerUnavailable,
             },
             properties: (*code == ConnAckCode::Accepted).then(|| v5::ConnAckProperties {
                 session_expiry_interval: None,
@@ -607,6 +642,8 @@ fn write_v5(packet: &Outbound, out: &mut BytesMut) -> Result<usize, rumqttc::v5:
                 reason: match reason {
                     0x00 => v5::PubAckReason::Success,
                     0x83 => v5::PubAckReason::ImplementationSpecificError,
+                    0x87 => v5::PubAckReason::NotAuthorized,
+                    0x90 => v5::PubAckReason::TopicNameInvalid,
                     0x97 => v5::PubAckReason::QuotaExceeded,
                     _ => v5::PubAckReason::UnspecifiedError,
                 },
@@ -623,6 +660,8 @@ fn write_v5(packet: &Outbound, out: &mut BytesMut) -> Result<usize, rumqttc::v5:
                 reason: match reason {
                     0x00 => v5::PubRecReason::Success,
                     0x83 => v5::PubRecReason::ImplementationSpecificError,
+                    0x87 => v5::PubRecReason::NotAuthorized,
+                    0x90 => v5::PubRecReason::TopicNameInvalid,
                     0x97 => v5::PubRecReason::QuotaExceeded,
                     _ => v5::PubRecReason::UnspecifiedError,
                 },
@@ -639,8 +678,9 @@ fn write_v5(packet: &Outbound, out: &mut BytesMut) -> Result<usize, rumqttc::v5:
             return_codes: granted
                 .iter()
                 .map(|g| match g {
-                    Some(q) => v5::SubscribeReasonCode::Success(qos_v5(*q)),
-                    None => v5::SubscribeReasonCode::TopicFilterInvalid,
+                    SubResult::Granted(q) => v5::SubscribeReasonCode::Success(qos_v5(*q)),
+                    SubResult::Invalid => v5::SubscribeReasonCode::TopicFilterInvalid,
+                    SubResult::NotAuthorized => v5::SubscribeReasonCode::NotAuthorized,
                 })
                 .collect(),
             properties: None,
@@ -686,6 +726,7 @@ fn disconnect_code(reason: DisconnectReason) -> u8 {
         DisconnectReason::TopicAliasInvalid => 0x94,
         DisconnectReason::PacketTooLarge => 0x95,
         DisconnectReason::QuotaExceeded => 0x97,
+        DisconnectReason::NotAuthorized => 0x87,
     }
 }
 
@@ -696,6 +737,8 @@ fn ack_reason_v5(reason: &AckReason) -> (u8, Option<String>) {
         AckReason::Refused(why) => (0x83, Some(why.clone())),
         AckReason::Failed(why) => (0x80, Some(why.clone())),
         AckReason::QuotaExceeded(why) => (0x97, Some(why.clone())),
+        AckReason::NotAuthorized(why) => (0x87, Some(why.clone())),
+        AckReason::TopicNameInvalid(why) => (0x90, Some(why.clone())),
     }
 }
 

@@ -19,22 +19,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::Settings;
+use super::acl::{Access, Subject};
 use super::codec::{
     self, AckReason, ConnAckCode, ConnectError, ConnectRequest, DisconnectReason, InPublish,
-    Inbound, Outbound, Protocol, ReadError,
+    Inbound, Outbound, Protocol, ReadError, SubResult,
 };
 use super::registry::{Delivery, Registry, SessionState, Takeover};
+use super::{DeviceGrant, Settings};
+use crate::config::{AuthKind, OnDenied};
 use crate::journal::{Appended, Journal, JournalError};
 use crate::record::{JournaledRecord, Record, now_ms};
 use crate::shutdown::Shutdown;
+use crate::sink::pacing::TokenBucket;
 use crate::telemetry;
 
 /// Outbound QoS 1 deliveries unacknowledged at once, at most (or the agent's Receive Maximum).
@@ -60,15 +63,19 @@ enum Commit {
     Waiting(CommitReceiver),
     /// Nothing: a QoS 2 re-send of a message already journaled and PUBRECed.
     AlreadyJournaled,
-    /// Nothing: refused at ingest, for this reason (answered in order with the others).
-    Refused(String),
+    /// Nothing: refused at ingest, with this answer (given in order with the others).
+    Refused(AckReason),
+    /// Nothing: a denied MQTT 3.1.1 message under `onDenied311: ignore`, acknowledged and
+    /// not stored.
+    Discarded,
 }
 
 /// What became of a message, as its acknowledgement tells the agent.
 enum Outcome {
     Stored,
     Failed(JournalError),
-    Refused(String),
+    Refused(AckReason),
+    Discarded,
 }
 
 impl From<Result<Appended, JournalError>> for Outcome {
@@ -78,6 +85,12 @@ impl From<Result<Appended, JournalError>> for Outcome {
             Err(e) => Outcome::Failed(e),
         }
     }
+}
+
+/// An agent let in: who it is, and client device auth's grant (Greengrass).
+struct Admitted {
+    identity: String,
+    device: Option<Box<dyn DeviceGrant>>,
 }
 
 /// How a connection ended, which decides the Will and the log line.
@@ -97,7 +110,8 @@ enum Close {
     Shutdown,
 }
 
-/// Serves one accepted TCP connection to its end. Never panics on network input.
+/// Serves one accepted TCP connection to its end: the TLS handshake (on a TLS listener), then
+/// MQTT. Never panics on network input.
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
@@ -107,7 +121,57 @@ pub async fn serve(
     shutdown: Shutdown,
 ) {
     let _ = stream.set_nodelay(true);
-    let (reader, writer) = stream.into_split();
+    let Some(tls) = settings.tls.clone() else {
+        return serve_mqtt(stream, None, peer, settings, journal, registry, shutdown).await;
+    };
+    let Some(config) = tls.config() else {
+        refused_handshake(
+            peer,
+            "no server certificate yet (waiting for client device auth)",
+        );
+        return;
+    };
+    let handshake = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+    match tokio::time::timeout(settings.handshake_timeout, handshake).await {
+        Ok(Ok(stream)) => {
+            let cert = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|cert| cert.clone().into_owned());
+            serve_mqtt(stream, cert, peer, settings, journal, registry, shutdown).await
+        }
+        Ok(Err(e)) => refused_handshake(peer, &super::tls::describe_handshake_error(&e)),
+        Err(_) => refused_handshake(
+            peer,
+            &format!(
+                "no TLS handshake within {} ms (tls.handshakeTimeoutMs)",
+                settings.handshake_timeout.as_millis()
+            ),
+        ),
+    }
+}
+
+fn refused_handshake(peer: SocketAddr, why: &str) {
+    metrics::counter!(telemetry::REFUSALS, "reason" => "tls_handshake").increment(1);
+    static LOG: telemetry::Throttle = telemetry::Throttle::new(1_000);
+    if let Some(held_back) = LOG.ready() {
+        tracing::warn!(%peer, %why, similar_not_logged = held_back, "Refused a TLS connection.");
+    }
+}
+
+/// Serves MQTT on an established stream; `cert` is the agent's verified client certificate.
+pub async fn serve_mqtt<S: AsyncRead + AsyncWrite + Send + 'static>(
+    stream: S,
+    cert: Option<CertificateDer<'static>>,
+    peer: SocketAddr,
+    settings: Arc<Settings>,
+    journal: Journal,
+    registry: Arc<Registry>,
+    shutdown: Shutdown,
+) {
+    let (reader, writer) = tokio::io::split(stream);
     let mut conn = Connection {
         reader,
         writer,
@@ -117,7 +181,7 @@ pub async fn serve(
         settings,
         journal,
     };
-    let request = match conn.read_connect().await {
+    let mut request = match conn.read_connect().await {
         Ok(request) => request,
         Err(why) => {
             tracing::debug!(%peer, reason = %why, "Connection closed before session start.");
@@ -125,15 +189,32 @@ pub async fn serve(
         }
     };
     conn.protocol = request.protocol;
+    let admitted = match conn.admit(&mut request, cert.as_ref()).await {
+        Ok(admitted) => admitted,
+        Err((code, why)) => {
+            static LOG: telemetry::Throttle = telemetry::Throttle::new(1_000);
+            if let Some(held_back) = LOG.ready() {
+                tracing::warn!(
+                    %peer,
+                    client_id = %request.client_id,
+                    %why,
+                    similar_not_logged = held_back,
+                    "Refused an agent's CONNECT."
+                );
+            }
+            conn.refuse_connect(code).await;
+            return;
+        }
+    };
     let span = tracing::info_span!("agent", client_id = %request.client_id, %peer);
-    conn.run_session(request, peer, registry, shutdown)
+    conn.run_session(request, admitted, peer, registry, shutdown)
         .instrument(span)
         .await;
 }
 
-struct Connection {
-    reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
+struct Connection<S> {
+    reader: ReadHalf<S>,
+    writer: WriteHalf<S>,
     read_buf: BytesMut,
     write_buf: BytesMut,
     protocol: Protocol,
@@ -141,7 +222,7 @@ struct Connection {
     journal: Journal,
 }
 
-impl Connection {
+impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
     fn max_packet(&self) -> usize {
         self.settings.max_packet_size
     }
@@ -200,7 +281,11 @@ impl Connection {
             }
             match tokio::time::timeout_at(deadline, self.reader.read_buf(&mut self.read_buf)).await
             {
-                Err(_) => return Err("no CONNECT in time".into()),
+                Err(_) => {
+                    metrics::counter!(telemetry::REFUSALS, "reason" => "connect_timeout")
+                        .increment(1);
+                    return Err("no CONNECT within connectTimeoutMs".into());
+                }
                 Ok(Ok(0)) => return Err("closed".into()),
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(e.to_string()),
@@ -208,7 +293,7 @@ impl Connection {
         };
         let refuse = |code, reason: String| (code, reason);
         let (protocol, code, reason) = match result {
-            Ok(mut request) => {
+            Ok(request) => {
                 if request.client_id.is_empty() {
                     if !request.clean_start {
                         self.protocol = request.protocol;
@@ -220,7 +305,7 @@ impl Connection {
                         );
                         (request.protocol, code, reason)
                     } else {
-                        request.client_id = format!("gatehouse-{:016x}", rand_id());
+                        // Assigned in `admit`, once the agent's identity is known.
                         return Ok(request);
                     }
                 } else {
@@ -244,8 +329,14 @@ impl Connection {
         };
         metrics::counter!(telemetry::REFUSALS, "reason" => "bad_connect").increment(1);
         self.protocol = protocol;
+        self.refuse_connect(code).await;
+        Err(reason)
+    }
+
+    /// Answers a refused CONNECT and closes.
+    async fn refuse_connect(&mut self, code: ConnAckCode) {
         // MQTT 3.1.1 has no "malformed" CONNACK: just close.
-        if !(protocol == Protocol::V311 && code == ConnAckCode::Malformed) {
+        if !(self.protocol == Protocol::V311 && code == ConnAckCode::Malformed) {
             self.send(Outbound::ConnAck {
                 session_present: false,
                 code,
@@ -253,15 +344,144 @@ impl Connection {
                 max_packet_size: self.max_packet() as u32,
                 receive_maximum: self.settings.max_inflight as u16,
             });
-            let _ = self.flush().await;
+            let _ = self
+                .flush_by(Some(Instant::now() + CLOSE_WRITE_GRACE))
+                .await;
         }
-        let _ = self.writer.shutdown().await;
-        Err(reason)
+        let _ = tokio::time::timeout(CLOSE_WRITE_GRACE, self.writer.shutdown()).await;
+    }
+
+    /// Authenticates the agent and applies the client-id binding: returns who it is, or the
+    /// CONNACK refusal and why. Assigns a client id when the agent sent none (its identity
+    /// under binding, else a random one).
+    async fn admit(
+        &mut self,
+        request: &mut ConnectRequest,
+        cert: Option<&CertificateDer<'static>>,
+    ) -> Result<Admitted, (ConnAckCode, String)> {
+        let mut device = None;
+        let settings = self.settings.clone();
+        let refuse = |code, reason: &str, why: String| {
+            metrics::counter!(telemetry::REFUSALS, "reason" => reason.to_string()).increment(1);
+            Err((code, why))
+        };
+        let identity = match (settings.auth, cert) {
+            (AuthKind::None, _) => None,
+            (AuthKind::Certificate, Some(cert)) => {
+                match super::identity::from_certificate(cert, settings.identity_from) {
+                    Ok(identity) => Some(identity),
+                    Err(why) => return refuse(ConnAckCode::NotAuthorized, "no_identity", why),
+                }
+            }
+            (AuthKind::Certificate | AuthKind::Password, _) => {
+                let (Some(user), Some(password)) = (&request.username, request.password.take())
+                else {
+                    return refuse(
+                        ConnAckCode::BadCredentials,
+                        "bad_credentials",
+                        "no client certificate and no username and password".into(),
+                    );
+                };
+                let Some(passwords) = &settings.passwords else {
+                    return refuse(
+                        ConnAckCode::BadCredentials,
+                        "bad_credentials",
+                        "this listener takes no passwords".into(),
+                    );
+                };
+                if !super::identity::check_password(passwords, user, password).await {
+                    return refuse(
+                        ConnAckCode::BadCredentials,
+                        "bad_credentials",
+                        format!("wrong username or password for user {user:?}"),
+                    );
+                }
+                Some(user.clone())
+            }
+            (AuthKind::Greengrass, cert) => {
+                let Some(devices) = &settings.devices else {
+                    return refuse(
+                        ConnAckCode::ServerUnavailable,
+                        "device_auth_unavailable",
+                        "client device auth is not available".into(),
+                    );
+                };
+                let Some(cert) = cert else {
+                    return refuse(
+                        ConnAckCode::NotAuthorized,
+                        "no_identity",
+                        "no client certificate".into(),
+                    );
+                };
+                match devices.admit(&request.client_id, cert).await {
+                    Ok(grant) => {
+                        device = Some(grant);
+                        Some(request.client_id.clone())
+                    }
+                    Err(super::DeviceRefusal::Denied(why)) => {
+                        return refuse(ConnAckCode::NotAuthorized, "device_auth_denied", why);
+                    }
+                    Err(super::DeviceRefusal::Unavailable(why)) => {
+                        return refuse(
+                            ConnAckCode::ServerUnavailable,
+                            "device_auth_unavailable",
+                            why,
+                        );
+                    }
+                }
+            }
+        };
+        request.password = None;
+        if request.client_id.is_empty() {
+            request.client_id = match (&identity, settings.client_id_binding) {
+                (Some(identity), true) => identity.clone(),
+                _ => format!("gatehouse-{:016x}", rand_id()),
+            };
+            request.client_id_was_assigned = true;
+        }
+        let identity = identity.unwrap_or_else(|| request.client_id.clone());
+        if settings.client_id_binding && request.client_id != identity {
+            return refuse(
+                ConnAckCode::ClientIdRejected,
+                "client_id_mismatch",
+                format!(
+                    "client id {:?} is not the agent's identity {identity:?} (clientIdBinding)",
+                    request.client_id
+                ),
+            );
+        }
+        if let Some(will) = &request.will {
+            let subject = Subject {
+                client_id: &request.client_id,
+                identity: &identity,
+                thing_name: &settings.thing_name,
+            };
+            if let Err(why) = settings.check_topic(&will.topic) {
+                return refuse(
+                    ConnAckCode::NotAuthorized,
+                    "topic_limit",
+                    format!("Will {why}"),
+                );
+            }
+            let device_allows = match &device {
+                Some(grant) => grant.allows(Access::Publish, &will.topic).await,
+                None => true,
+            };
+            if !settings.acl.allows(&subject, Access::Publish, &will.topic) || !device_allows {
+                return refuse(
+                    ConnAckCode::NotAuthorized,
+                    "acl_publish",
+                    format!("a Will on {:?} is not allowed", will.topic),
+                );
+            }
+        }
+        Ok(Admitted { identity, device })
     }
 
     async fn run_session(
         mut self,
         request: ConnectRequest,
+        admitted: Admitted,
         peer: SocketAddr,
         registry: Arc<Registry>,
         mut shutdown: Shutdown,
@@ -290,6 +510,13 @@ impl Connection {
 
         let mut session = Session {
             client_id: client_id.clone(),
+            identity: admitted.identity,
+            device: admitted.device,
+            publish_rate: TokenBucket::new(
+                self.settings.publishes_per_sec,
+                self.settings.publish_burst,
+                Instant::now(),
+            ),
             state: std::mem::take(&mut registration.state),
             pending: VecDeque::new(),
             will: request.will.clone(),
@@ -396,7 +623,7 @@ impl Connection {
             );
         }
         if let Some(will) = will {
-            self.journal_will(&client_id, will).await;
+            self.journal_will(&session.identity, will).await;
         }
         metrics::gauge!(telemetry::CONNECTIONS).decrement(1.0);
         telemetry::PROGRESS
@@ -430,7 +657,9 @@ impl Connection {
                 }
                 Err(e) => return Close::Dropped(e.to_string()),
             }
-            let can_read = session.pending.len() < self.settings.max_inflight;
+            let throttled = session.publish_rate.wait(Instant::now());
+            let can_read =
+                session.pending.len() < self.settings.max_inflight && throttled.is_zero();
             let can_deliver = session.outbound.len() < session.window;
             let expires = keep_alive.map(|ka| last_heard + ka);
             enum Event {
@@ -449,6 +678,11 @@ impl Connection {
                 result = self.reader.read_buf(&mut self.read_buf), if can_read => Event::Read(result),
                 queued = registration.deliveries.recv(), if can_deliver => Event::Deliver(queued.map(|q| q.delivery)),
                 _ = sleep_until_opt(expires) => Event::KeepAliveExpired,
+                // Over its publish rate: read again once back under it.
+                _ = tokio::time::sleep(throttled), if !throttled.is_zero() => {
+                    metrics::counter!(telemetry::THROTTLED, "what" => "publishes").increment(1);
+                    continue;
+                }
             };
             match event {
                 Event::Committed(result) => {
@@ -508,7 +742,8 @@ impl Connection {
                     Err(_) => break,
                 },
                 Commit::AlreadyJournaled => Outcome::Stored,
-                Commit::Refused(why) => Outcome::Refused(std::mem::take(why)),
+                Commit::Refused(reason) => Outcome::Refused(reason.clone()),
+                Commit::Discarded => Outcome::Discarded,
             };
             // Even with the socket gone the outcome updates the session (QoS 2 state); a
             // further failure here only means fewer acknowledgements: close as planned.
@@ -531,10 +766,10 @@ impl Connection {
         close
     }
 
-    async fn journal_will(&self, client_id: &str, will: codec::Will) {
+    async fn journal_will(&self, identity: &str, will: codec::Will) {
         let record = Record {
             received_at_ms: now_ms(),
-            client_id: client_id.to_string(),
+            client_id: identity.to_string(),
             topic: will.topic,
             qos: will.qos,
             payload: will.payload,
@@ -558,6 +793,12 @@ impl Connection {
 /// The connection-independent session logic.
 struct Session {
     client_id: String,
+    /// Who the agent is (certificate, password, client device auth, or its client id): what
+    /// records carry as the agent, and what the ACL's `${identity}` stands for.
+    identity: String,
+    /// Client device auth's grant for this connection (Greengrass), consulted with the ACL.
+    device: Option<Box<dyn DeviceGrant>>,
+    publish_rate: TokenBucket,
     state: SessionState,
     pending: VecDeque<PendingAck>,
     will: Option<codec::Will>,
@@ -570,7 +811,19 @@ struct Session {
 }
 
 impl Session {
-    async fn handle(&mut self, conn: &mut Connection, packet: Inbound) -> Option<Close> {
+    fn subject<'a>(&'a self, settings: &'a Settings) -> Subject<'a> {
+        Subject {
+            client_id: &self.client_id,
+            identity: &self.identity,
+            thing_name: &settings.thing_name,
+        }
+    }
+
+    async fn handle<S: AsyncRead + AsyncWrite + Send>(
+        &mut self,
+        conn: &mut Connection<S>,
+        packet: Inbound,
+    ) -> Option<Close> {
         match packet {
             Inbound::Publish(publish) => return self.publish(conn, publish).await,
             Inbound::PubRel(pkid) => {
@@ -589,18 +842,10 @@ impl Session {
                 self.outbound.remove(&pkid);
             }
             Inbound::Subscribe { pkid, filters } => {
-                let granted = filters
-                    .into_iter()
-                    .map(|(filter, qos)| {
-                        if !rumqttc::valid_filter(&filter) {
-                            return None;
-                        }
-                        let qos = qos.min(1);
-                        self.state.subscriptions.retain(|(f, _)| *f != filter);
-                        self.state.subscriptions.push((filter, qos));
-                        Some(qos)
-                    })
-                    .collect();
+                let mut granted = Vec::with_capacity(filters.len());
+                for (filter, qos) in filters {
+                    granted.push(self.subscribe(&conn.settings, filter, qos).await);
+                }
                 conn.send(Outbound::SubAck { pkid, granted });
             }
             Inbound::Unsubscribe { pkid, filters } => {
@@ -624,7 +869,40 @@ impl Session {
         None
     }
 
-    async fn publish(&mut self, conn: &mut Connection, publish: InPublish) -> Option<Close> {
+    /// Checks and records one SUBSCRIBE filter.
+    async fn subscribe(&mut self, settings: &Settings, filter: String, qos: u8) -> SubResult {
+        if !rumqttc::valid_filter(&filter) || settings.check_topic(&filter).is_err() {
+            metrics::counter!(telemetry::REFUSALS, "reason" => "bad_filter").increment(1);
+            return SubResult::Invalid;
+        }
+        if !self.allowed(settings, Access::Subscribe, &filter).await {
+            return SubResult::NotAuthorized;
+        }
+        let qos = qos.min(1);
+        self.state.subscriptions.retain(|(f, _)| *f != filter);
+        self.state.subscriptions.push((filter, qos));
+        SubResult::Granted(qos)
+    }
+
+    /// Whether the ACL (and client device auth, under Greengrass) allow it; counts a denial.
+    async fn allowed(&self, settings: &Settings, access: Access, topic: &str) -> bool {
+        let allowed = settings.acl.allows(&self.subject(settings), access, topic)
+            && match &self.device {
+                Some(grant) => grant.allows(access, topic).await,
+                None => true,
+            };
+        if !allowed {
+            denied(access, topic);
+        }
+        allowed
+    }
+
+    async fn publish<S: AsyncRead + AsyncWrite + Send>(
+        &mut self,
+        conn: &mut Connection<S>,
+        publish: InPublish,
+    ) -> Option<Close> {
+        self.publish_rate.take(1.0, Instant::now());
         metrics::counter!(telemetry::MESSAGES_IN).increment(1);
         telemetry::PROGRESS
             .messages_in
@@ -648,9 +926,30 @@ impl Session {
             });
             return None;
         }
+        let settings = conn.settings.clone();
+        let refusal = match settings.check_topic(&topic) {
+            Err(why) => {
+                metrics::counter!(telemetry::REFUSALS, "reason" => "topic_limit").increment(1);
+                Some(AckReason::TopicNameInvalid(why))
+            }
+            Ok(()) if !self.allowed(&settings, Access::Publish, &topic).await => Some(
+                AckReason::NotAuthorized(format!("publishing to {topic:?} is not allowed")),
+            ),
+            Ok(()) => None,
+        };
+        if let Some(reason) = refusal {
+            let commit = match (conn.protocol, qos, settings.on_denied_311) {
+                (_, 0, _) => return None,
+                (Protocol::V311, _, OnDenied::Ignore) => Commit::Discarded,
+                _ => Commit::Refused(reason),
+            };
+            // Answered in turn, after the messages before it.
+            self.pending.push_back(PendingAck { pkid, qos, commit });
+            return None;
+        }
         let record = Record {
             received_at_ms: now_ms(),
-            client_id: self.client_id.clone(),
+            client_id: self.identity.clone(),
             topic,
             qos,
             payload,
@@ -673,19 +972,15 @@ impl Session {
             if let Some(held_back) = LOG.ready() {
                 tracing::warn!(topic = %probe.record.topic, %why, similar_not_logged = held_back, "Refused a message.");
             }
-            return match (conn.protocol, qos) {
-                (_, 0) => None,
-                // Answered in turn, after the messages before it.
-                (Protocol::V5, _) => {
-                    self.pending.push_back(PendingAck {
-                        pkid,
-                        qos,
-                        commit: Commit::Refused(why),
-                    });
-                    None
-                }
-                (Protocol::V311, _) => Some(Close::Refused(DisconnectReason::PacketTooLarge, why)),
-            };
+            if qos > 0 {
+                // Answered in turn, after the messages before it (3.1.1: by closing).
+                self.pending.push_back(PendingAck {
+                    pkid,
+                    qos,
+                    commit: Commit::Refused(AckReason::Refused(why)),
+                });
+            }
+            return None;
         }
         let record = probe.record;
         let key = conn
@@ -720,9 +1015,9 @@ impl Session {
     /// Sends the acknowledgement for an outcome. Returns a close when the outcome leaves no way
     /// to answer the agent but to disconnect (MQTT 3.1.1 on a journal failure). A QoS 2
     /// message's packet id is remembered as journaled only once it is (`Outcome::Stored`).
-    fn acknowledge(
+    fn acknowledge<S: AsyncRead + AsyncWrite + Send>(
         &mut self,
-        conn: &mut Connection,
+        conn: &mut Connection<S>,
         pending: PendingAck,
         outcome: Outcome,
     ) -> Option<Close> {
@@ -740,19 +1035,21 @@ impl Session {
                 metrics::counter!(telemetry::REFUSALS, "reason" => "journal_error").increment(1);
                 AckReason::Failed(e.to_string())
             }
-            Outcome::Refused(why) => AckReason::Refused(why),
+            Outcome::Refused(reason) => reason,
+            Outcome::Discarded => AckReason::Success,
         };
-        if let AckReason::Failed(why) | AckReason::QuotaExceeded(why) | AckReason::Refused(why) =
-            &reason
-        {
-            // MQTT 3.1.1 cannot refuse a PUBLISH: closing without PUBACK makes the agent keep
-            // the message and send it again after reconnecting.
-            if conn.protocol == Protocol::V311 {
-                let code = match reason {
-                    AckReason::QuotaExceeded(_) => DisconnectReason::QuotaExceeded,
-                    AckReason::Refused(_) => DisconnectReason::PacketTooLarge,
-                    _ => DisconnectReason::UnspecifiedError,
-                };
+        // MQTT 3.1.1 cannot refuse a PUBLISH: closing without PUBACK makes the agent keep
+        // the message and send it again after reconnecting.
+        if conn.protocol == Protocol::V311 {
+            let code = match &reason {
+                AckReason::Success => None,
+                AckReason::QuotaExceeded(why) => Some((DisconnectReason::QuotaExceeded, why)),
+                AckReason::Refused(why) => Some((DisconnectReason::PacketTooLarge, why)),
+                AckReason::NotAuthorized(why) => Some((DisconnectReason::NotAuthorized, why)),
+                AckReason::TopicNameInvalid(why) => Some((DisconnectReason::TopicNameInvalid, why)),
+                AckReason::Failed(why) => Some((DisconnectReason::UnspecifiedError, why)),
+            };
+            if let Some((code, why)) = code {
                 return Some(Close::Refused(code, why.clone()));
             }
         }
@@ -764,7 +1061,20 @@ impl Session {
         None
     }
 
-    fn send_delivery(&mut self, conn: &mut Connection, delivery: Delivery) {
+    fn send_delivery<S: AsyncRead + AsyncWrite + Send>(
+        &mut self,
+        conn: &mut Connection<S>,
+        delivery: Delivery,
+    ) {
+        let settings = conn.settings.clone();
+        if !settings
+            .acl
+            .allows(&self.subject(&settings), Access::Subscribe, &delivery.topic)
+        {
+            // Subscriptions are checked when made; this guards deliveries addressed otherwise.
+            denied(Access::Subscribe, &delivery.topic);
+            return;
+        }
         // Fixed header, topic, packet id and an empty property block, generously counted.
         if delivery.payload.len() + delivery.topic.len() + 16 > self.max_packet_out {
             metrics::counter!(telemetry::REFUSALS, "reason" => "delivery_too_large").increment(1);
@@ -797,8 +1107,21 @@ impl Session {
 impl ConnectRequest {
     /// The id to report in CONNACK when the gateway assigned it.
     fn client_id_assigned(&self) -> Option<String> {
-        (self.protocol == Protocol::V5 && self.client_id.starts_with("gatehouse-"))
+        (self.protocol == Protocol::V5 && self.client_id_was_assigned)
             .then(|| self.client_id.clone())
+    }
+}
+
+/// Counts and (at a bounded rate) logs an ACL denial.
+fn denied(access: Access, topic: &str) {
+    let reason = match access {
+        Access::Publish => "acl_publish",
+        Access::Subscribe => "acl_subscribe",
+    };
+    metrics::counter!(telemetry::REFUSALS, "reason" => reason).increment(1);
+    static LOG: telemetry::Throttle = telemetry::Throttle::new(1_000);
+    if let Some(held_back) = LOG.ready() {
+        tracing::warn!(?access, %topic, similar_not_logged = held_back, "The ACL denied an agent.");
     }
 }
 
@@ -815,7 +1138,8 @@ fn refused_for(e: &ReadError) -> Close {
 async fn next_commit(pending: &mut VecDeque<PendingAck>) -> Outcome {
     match pending.front_mut().map(|p| &mut p.commit) {
         Some(Commit::Waiting(rx)) => Outcome::from(rx.await.unwrap_or(Err(JournalError::Closed))),
-        Some(Commit::Refused(why)) => Outcome::Refused(std::mem::take(why)),
+        Some(Commit::Refused(reason)) => Outcome::Refused(reason.clone()),
+        Some(Commit::Discarded) => Outcome::Discarded,
         Some(Commit::AlreadyJournaled) | None => Outcome::Stored,
     }
 }
@@ -824,7 +1148,8 @@ async fn next_commit(pending: &mut VecDeque<PendingAck>) -> Outcome {
 fn ready_commit(pending: &mut PendingAck) -> Option<Outcome> {
     match &mut pending.commit {
         Commit::AlreadyJournaled => Some(Outcome::Stored),
-        Commit::Refused(why) => Some(Outcome::Refused(std::mem::take(why))),
+        Commit::Refused(reason) => Some(Outcome::Refused(reason.clone())),
+        Commit::Discarded => Some(Outcome::Discarded),
         Commit::Waiting(rx) => match rx.try_recv() {
             Ok(result) => Some(Outcome::from(result)),
             Err(oneshot::error::TryRecvError::Empty) => None,

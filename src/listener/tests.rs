@@ -27,7 +27,7 @@ async fn start() -> Running {
     let (journal, _reader, _guard) = crate::journal::open(&config.journal).unwrap();
     let listener = Listener::bind(
         config.listeners[0].bind.0,
-        Settings::new(&config.listeners[0], &config),
+        Settings::new(&config.listeners[0], &config, 0).unwrap(),
     )
     .await
     .unwrap();
@@ -69,7 +69,7 @@ async fn a_connected_agent_receives_deliveries_and_an_offline_one_is_reported() 
     })
     .await;
     client
-        .subscribe("commands/agent-7/#", QoS::AtLeastOnce)
+        .subscribe("agents/agent-7/commands/#", QoS::AtLeastOnce)
         .await
         .unwrap();
     until(&mut events, |e| {
@@ -83,7 +83,7 @@ async fn a_connected_agent_receives_deliveries_and_an_offline_one_is_reported() 
             .deliver(
                 "agent-7",
                 Delivery {
-                    topic: format!("commands/agent-7/{i}"),
+                    topic: format!("agents/agent-7/commands/{i}"),
                     payload: format!("isolate host {i}").into(),
                     qos,
                 },
@@ -94,7 +94,7 @@ async fn a_connected_agent_receives_deliveries_and_an_offline_one_is_reported() 
             _ => None,
         })
         .await;
-        assert_eq!(publish.topic, format!("commands/agent-7/{i}"));
+        assert_eq!(publish.topic, format!("agents/agent-7/commands/{i}"));
         assert_eq!(&publish.payload[..], format!("isolate host {i}").as_bytes());
         assert_eq!(publish.qos as u8, qos);
         if qos == 1 {

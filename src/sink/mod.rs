@@ -16,7 +16,7 @@ pub mod delivery;
 mod directory;
 mod greengrass;
 mod mqtt;
-mod pacing;
+pub mod pacing;
 pub mod window;
 
 use std::future::Future;

@@ -14,6 +14,7 @@ mod interop;
 mod no_loss;
 mod poison;
 mod recipe;
+mod security;
 mod session;
 mod support;
 mod upstream;

@@ -159,7 +159,10 @@ impl Gateway {
                 "journal": {"path": gw.journal, "synchronous": "full", "dedupWindowSecs": 600},
                 "batch": {"maxBytes": 131072, "maxMessages": 1000, "maxDelayMs": 100, "compression": "zstd"},
                 "upstream": {"kind": "directory", "path": gw.outbox},
-                "logLevel": "info"
+                "logLevel": "info",
+                // The feature tests publish on arbitrary topics; `security.rs` removes this
+                // rule to test the default ACL (agents/${identity}/...).
+                "acl": [{"allow": "all", "topic": "#"}]
             });
             tweak(&mut config);
             std::fs::write(&gw.config_path, serde_json::to_vec_pretty(&config).unwrap())
@@ -869,6 +872,8 @@ pub struct RawConnect {
     pub keep_alive: u16,
     /// (topic, payload)
     pub will: Option<(String, Vec<u8>)>,
+    /// (username, password)
+    pub credentials: Option<(String, Vec<u8>)>,
 }
 
 impl RawConnect {
@@ -878,7 +883,13 @@ impl RawConnect {
             client_id: client_id.to_string(),
             keep_alive: 60,
             will: None,
+            credentials: None,
         }
+    }
+
+    pub fn credentials(mut self, username: &str, password: &[u8]) -> RawConnect {
+        self.credentials = Some((username.to_string(), password.to_vec()));
+        self
     }
 
     pub fn keep_alive(mut self, secs: u16) -> RawConnect {
@@ -895,8 +906,12 @@ impl RawConnect {
         let v5 = self.version == 5;
         let mut body = mqtt_string(b"MQTT");
         body.push(self.version);
-        // Clean session/start, plus the Will flag (QoS 0, no retain).
-        body.push(if self.will.is_some() { 0x06 } else { 0x02 });
+        // Clean session/start, plus the Will flag (QoS 0, no retain) and the credential flags.
+        let mut flags = if self.will.is_some() { 0x06 } else { 0x02 };
+        if self.credentials.is_some() {
+            flags |= 0xC0;
+        }
+        body.push(flags);
         body.extend_from_slice(&self.keep_alive.to_be_bytes());
         if v5 {
             body.push(0); // no CONNECT properties
@@ -908,6 +923,10 @@ impl RawConnect {
             }
             body.extend(mqtt_string(topic.as_bytes()));
             body.extend(mqtt_string(payload));
+        }
+        if let Some((username, password)) = &self.credentials {
+            body.extend(mqtt_string(username.as_bytes()));
+            body.extend(mqtt_string(password));
         }
         mqtt_packet(0x10, &body)
     }

@@ -294,7 +294,7 @@ async fn upstream_broker_outage_and_flaps() {
         metric(&metrics, "gatehouse_upstream_connects_total")
             .await
             .unwrap_or(-1.0),
-        up.collector.restarts
+        up.collector.restarts()
     );
     let status = gw.stop().await;
     assert!(status.success(), "graceful stop exited with {status}");

@@ -36,6 +36,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -73,9 +74,26 @@ const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 /// * `collector.pem`/`.key` — the cloud-side consumer's certificate;
 /// * `other-ca.pem` — an unrelated CA (signed nothing the broker uses).
 ///
-/// All X.509 v3 (rcgen), ECDSA P-256.
+/// All X.509 v3 (rcgen), ECDSA P-256. [`Pki::issue`] adds more leaves (the listener tests'
+/// agents and gateway server certificates).
 pub struct Pki {
     pub dir: PathBuf,
+    ca: (CertificateParams, KeyPair),
+    other_ca: (CertificateParams, KeyPair),
+}
+
+/// Which CA signs a leaf of [`Pki::issue`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Signer {
+    Ca,
+    OtherCa,
+}
+
+/// What a leaf of [`Pki::issue`] is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    Server,
+    Client,
 }
 
 impl Pki {
@@ -86,7 +104,7 @@ impl Pki {
         self.dir.join("other-ca.pem")
     }
     /// (cert, key) of a named leaf: "server", "server-otherhost", "client", "client-expired",
-    /// "collector".
+    /// "collector", or one made by [`Pki::issue`].
     pub fn pair(&self, name: &str) -> (PathBuf, PathBuf) {
         (
             self.dir.join(format!("{name}.pem")),
@@ -96,59 +114,111 @@ impl Pki {
 
     pub fn generate(dir: &Path) -> Pki {
         std::fs::create_dir_all(dir).unwrap();
-        let write = |name: &str, text: String| std::fs::write(dir.join(name), text).unwrap();
-
         let (ca_params, ca_key) = make_ca("Gatehouse test CA");
         let ca_cert = ca_params.self_signed(&ca_key).expect("self-sign CA");
-        write("ca.pem", ca_cert.pem());
-        let issuer = Issuer::from_params(&ca_params, &ca_key);
-
+        std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
         let (other_params, other_key) = make_ca("Unrelated test CA");
         let other = other_params
             .self_signed(&other_key)
             .expect("self-sign CA 2");
-        write("other-ca.pem", other.pem());
-
-        let leaf = |name: &str, cn: &str, sans: &[&str], server: bool, expired: bool| {
-            let mut p =
-                CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                    .expect("leaf params");
-            p.distinguished_name = rcgen::DistinguishedName::new();
-            p.distinguished_name.push(DnType::CommonName, cn);
-            p.is_ca = IsCa::ExplicitNoCa;
-            p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-            p.extended_key_usages = vec![if server {
-                ExtendedKeyUsagePurpose::ServerAuth
-            } else {
-                ExtendedKeyUsagePurpose::ClientAuth
-            }];
-            p.use_authority_key_identifier_extension = true;
-            if expired {
-                p.not_before = date_time_ymd(2020, 1, 1);
-                p.not_after = date_time_ymd(2021, 1, 1);
-            } else {
-                p.not_before = date_time_ymd(2020, 1, 1);
-                p.not_after = date_time_ymd(2099, 1, 1);
-            }
-            let key = KeyPair::generate().expect("leaf key");
-            let cert = p.signed_by(&key, &issuer).expect("sign leaf");
-            write(&format!("{name}.pem"), cert.pem());
-            write(&format!("{name}.key"), key.serialize_pem());
+        std::fs::write(dir.join("other-ca.pem"), other.pem()).unwrap();
+        let pki = Pki {
+            dir: dir.to_path_buf(),
+            ca: (ca_params, ca_key),
+            other_ca: (other_params, other_key),
         };
-        leaf(
+        let sans = ["localhost", "127.0.0.1"];
+        pki.issue(
             "server",
             "localhost",
-            &["localhost", "127.0.0.1"],
-            true,
+            &sans,
+            Usage::Server,
             false,
+            Signer::Ca,
         );
-        leaf("server-otherhost", "otherhost", &["otherhost"], true, false);
-        leaf("client", THING, &[], false, false);
-        leaf("client-expired", THING, &[], false, true);
-        leaf("collector", COLLECTOR_ID, &[], false, false);
-        Pki {
-            dir: dir.to_path_buf(),
+        let other = &["otherhost"];
+        pki.issue(
+            "server-otherhost",
+            "otherhost",
+            other,
+            Usage::Server,
+            false,
+            Signer::Ca,
+        );
+        pki.issue("client", THING, &[], Usage::Client, false, Signer::Ca);
+        pki.issue(
+            "client-expired",
+            THING,
+            &[],
+            Usage::Client,
+            true,
+            Signer::Ca,
+        );
+        pki.issue(
+            "collector",
+            COLLECTOR_ID,
+            &[],
+            Usage::Client,
+            false,
+            Signer::Ca,
+        );
+        pki
+    }
+
+    /// Write `name.pem` / `name.key`: a leaf with common name `cn` and DNS/IP SANs `sans`
+    /// (a SAN starting with `urn:` or `spiffe:` is a URI), valid 2020-2099 or, if `expired`,
+    /// 2020-2021.
+    pub fn issue(
+        &self,
+        name: &str,
+        cn: &str,
+        sans: &[&str],
+        usage: Usage,
+        expired: bool,
+        signer: Signer,
+    ) -> (PathBuf, PathBuf) {
+        let mut p = CertificateParams::default();
+        for san in sans {
+            p.subject_alt_names
+                .push(if san.starts_with("urn:") || san.starts_with("spiffe:") {
+                    rcgen::SanType::URI(rcgen::string::Ia5String::try_from(*san).unwrap())
+                } else if let Ok(ip) = san.parse() {
+                    rcgen::SanType::IpAddress(ip)
+                } else {
+                    rcgen::SanType::DnsName(rcgen::string::Ia5String::try_from(*san).unwrap())
+                });
         }
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![match usage {
+            Usage::Server => ExtendedKeyUsagePurpose::ServerAuth,
+            Usage::Client => ExtendedKeyUsagePurpose::ClientAuth,
+        }];
+        p.use_authority_key_identifier_extension = true;
+        p.not_before = date_time_ymd(2020, 1, 1);
+        p.not_after = if expired {
+            date_time_ymd(2021, 1, 1)
+        } else {
+            date_time_ymd(2099, 1, 1)
+        };
+        let (ca_params, ca_key) = match signer {
+            Signer::Ca => &self.ca,
+            Signer::OtherCa => &self.other_ca,
+        };
+        let issuer = Issuer::from_params(ca_params, ca_key);
+        let key = KeyPair::generate().expect("leaf key");
+        let cert = p.signed_by(&key, &issuer).expect("sign leaf");
+        let (cert_path, key_path) = self.pair(name);
+        // Written to a temporary name and renamed, so a gateway watching the files never
+        // reads half a certificate.
+        for (path, text) in [(&key_path, key.serialize_pem()), (&cert_path, cert.pem())] {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, path).unwrap();
+        }
+        (cert_path, key_path)
     }
 }
 
@@ -410,12 +480,14 @@ type Decoded = (Value, Arc<Vec<Value>>);
 /// `mosquitto_sub` over TLS, persistent session, QoS 1, printing `%U %t %x` per message.
 pub struct Collector {
     args: Vec<String>,
-    child: Option<Child>,
+    supervisor: Option<tokio::task::JoinHandle<()>>,
+    pid: Arc<Mutex<Option<u32>>>,
+    stopping: Arc<AtomicBool>,
     stderr_path: PathBuf,
     arrivals: Arc<Mutex<Vec<Arrival>>>,
     decoded: Mutex<Vec<UpBatch>>,
     cache: Mutex<HashMap<Vec<u8>, Decoded>>,
-    pub restarts: usize,
+    restarts: Arc<AtomicUsize>,
 }
 
 impl Collector {
@@ -445,79 +517,93 @@ impl Collector {
         ];
         Collector {
             args,
-            child: None,
+            supervisor: None,
+            pid: Arc::new(Mutex::new(None)),
+            stopping: Arc::new(AtomicBool::new(false)),
             stderr_path: dir.join("collector.err"),
             arrivals: Arc::new(Mutex::new(Vec::new())),
             decoded: Mutex::new(Vec::new()),
             cache: Mutex::new(HashMap::new()),
-            restarts: 0,
+            restarts: Arc::new(AtomicUsize::new(0)),
         }
     }
 
+    /// Start the supervisor task: it runs `mosquitto_sub` and restarts it (same id, same
+    /// session) within 100 ms whenever it exits, until [`Collector::stop`]. mosquitto_sub
+    /// gives up on some connection errors during broker restarts (it printed "Error: The
+    /// connection was lost." once in CI); restarting it at once, rather than when a test
+    /// next polls, keeps the session's queue draining.
     fn spawn(&mut self) {
-        let err = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.stderr_path)
-            .unwrap();
-        let mut child = Command::new("mosquitto_sub")
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(err)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn mosquitto_sub");
-        let stdout = child.stdout.take().unwrap();
+        let args = self.args.clone();
+        let stderr_path = self.stderr_path.clone();
         let arrivals = self.arrivals.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let mut parts = line.splitn(3, ' ');
-                let at = parts.next().and_then(|t| t.parse::<f64>().ok());
-                let topic = parts.next();
-                let hex = parts.next().unwrap_or("").trim();
-                let (Some(at), Some(topic)) = (at, topic) else {
-                    panic!("unexpected mosquitto_sub output line: {line:?}");
-                };
-                let payload = hex_decode(hex)
-                    .unwrap_or_else(|| panic!("bad hex from mosquitto_sub: {line:.200}"));
-                arrivals.lock().unwrap().push(Arrival {
-                    at,
-                    topic: topic.to_string(),
-                    payload,
-                });
+        let restarts = self.restarts.clone();
+        let stopping = self.stopping.clone();
+        let pid = self.pid.clone();
+        self.supervisor = Some(tokio::spawn(async move {
+            loop {
+                let err = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&stderr_path)
+                    .unwrap();
+                let mut child = Command::new("mosquitto_sub")
+                    .args(&args)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(err)
+                    .kill_on_drop(true)
+                    .spawn()
+                    .expect("spawn mosquitto_sub");
+                *pid.lock().unwrap() = child.id();
+                let stdout = child.stdout.take().unwrap();
+                let mut lines = BufReader::new(stdout).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    arrivals.lock().unwrap().push(parse_arrival(&line));
+                }
+                let status = child.wait().await;
+                *pid.lock().unwrap() = None;
+                if stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                restarts.fetch_add(1, Ordering::SeqCst);
+                let note = format!("[harness] mosquitto_sub exited ({status:?}); restarting\n");
+                let _ = OpenOptions::new()
+                    .append(true)
+                    .open(&stderr_path)
+                    .and_then(|mut f| std::io::Write::write_all(&mut f, note.as_bytes()));
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-        });
-        self.child = Some(child);
+        }));
     }
 
-    /// Restart `mosquitto_sub` (same id: same session) if it exited.
+    /// Start the collector if it is not running yet (it restarts itself after that).
     pub fn ensure_running(&mut self) {
-        let exited = match self.child.as_mut() {
-            Some(c) => c.try_wait().unwrap().is_some(),
-            None => true,
-        };
-        if exited {
-            if self.child.is_some() {
-                self.restarts += 1;
-            }
+        if self.supervisor.is_none() {
             self.spawn();
         }
     }
 
+    /// How many times `mosquitto_sub` exited and was restarted.
+    pub fn restarts(&self) -> usize {
+        self.restarts.load(Ordering::SeqCst)
+    }
+
     /// SIGTERM (mosquitto_sub disconnects cleanly; everything it acknowledged is printed).
     pub async fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            if let Some(pid) = child.id() {
-                signal(pid, "TERM").await;
-            }
-            if tokio::time::timeout(Duration::from_secs(5), child.wait())
-                .await
-                .is_err()
-            {
-                let _ = child.kill().await;
-            }
+        self.stopping.store(true, Ordering::SeqCst);
+        let Some(mut supervisor) = self.supervisor.take() else {
+            return;
+        };
+        let pid = *self.pid.lock().unwrap();
+        if let Some(pid) = pid {
+            signal(pid, "TERM").await;
+        }
+        if tokio::time::timeout(Duration::from_secs(5), &mut supervisor)
+            .await
+            .is_err()
+        {
+            supervisor.abort();
         }
     }
 
@@ -575,9 +661,28 @@ impl Collector {
 
 impl Drop for Collector {
     fn drop(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            let _ = c.start_kill();
+        // Dropping the task drops its `Child`, which is killed (`kill_on_drop`).
+        if let Some(s) = self.supervisor.take() {
+            s.abort();
         }
+    }
+}
+
+/// One `%U %t %x` line of mosquitto_sub.
+fn parse_arrival(line: &str) -> Arrival {
+    let mut parts = line.splitn(3, ' ');
+    let at = parts.next().and_then(|t| t.parse::<f64>().ok());
+    let topic = parts.next();
+    let hex = parts.next().unwrap_or("").trim();
+    let (Some(at), Some(topic)) = (at, topic) else {
+        panic!("unexpected mosquitto_sub output line: {line:?}");
+    };
+    let payload =
+        hex_decode(hex).unwrap_or_else(|| panic!("bad hex from mosquitto_sub: {line:.200}"));
+    Arrival {
+        at,
+        topic: topic.to_string(),
+        payload,
     }
 }
 
@@ -748,7 +853,8 @@ impl Upstream {
                 panic!(
                     "timed out after {timeout:?}: {} of {} messages never arrived upstream, e.g. {:?}; \
                      collector got {} batches / {records} records (collector restarts {})\n\
-                     --- gateway log (tail) ---\n{}\n--- broker log (tail) ---\n{}\n--- collector stderr ---\n{}",
+                     --- gateway log (tail) ---\n{}\n--- broker log (tail) ---\n{}\n\
+                     --- broker log, the collector's connections ---\n{}\n--- collector stderr ---\n{}",
                     missing.len(),
                     wanted.len(),
                     missing
@@ -757,15 +863,25 @@ impl Upstream {
                         .map(|(c, p)| format!("{c}: {}", support::show(p)))
                         .collect::<Vec<_>>(),
                     batches.len(),
-                    self.collector.restarts,
+                    self.collector.restarts(),
                     tail(&gw.logs(), 6000),
                     tail(&self.broker.logs(), 3000),
+                    collector_connections(&self.broker.logs()),
                     self.collector.stderr(),
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// The broker log lines about the collector's connections and session (not its messages).
+fn collector_connections(log: &str) -> String {
+    log.lines()
+        .filter(|l| l.contains(COLLECTOR_ID) || l.contains("running") || l.contains("Saving"))
+        .filter(|l| !l.contains("PUBLISH") && !l.contains("PUBACK"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 pub fn tail(s: &str, n: usize) -> &str {

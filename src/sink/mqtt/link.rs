@@ -262,7 +262,7 @@ fn describe_io(e: &std::io::Error) -> String {
 }
 
 fn describe_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
-    if let Some(tls) = tls::rustls_error(e) {
+    if let Some(tls) = crate::tls::rustls_error(e) {
         return Some(tls::describe(tls));
     }
     let mut current = Some(e);

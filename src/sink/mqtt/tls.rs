@@ -1,46 +1,17 @@
 //! The upstream's TLS settings: the device certificate and key, the trusted CAs, ALPN; and the
 //! translation of TLS failures into causes an operator can act on.
 
-use std::io::BufReader;
-use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
+
+use crate::tls::{read_certs, read_key};
 
 use crate::config::MqttUpstream;
 
 /// ALPN protocol IoT Core expects for MQTT on port 443.
 pub const IOT_ALPN: &[u8] = b"x-amzn-mqtt-ca";
-
-fn read_certs(path: &Path, key: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let file = std::fs::File::open(path)
-        .with_context(|| format!("upstream.{key}: cannot read {}", path.display()))?;
-    let certs = rustls_pemfile::certs(&mut BufReader::new(file))
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("upstream.{key}: {} is not valid PEM", path.display()))?;
-    if certs.is_empty() {
-        bail!(
-            "upstream.{key}: {} holds no PEM certificate (\"-----BEGIN CERTIFICATE-----\")",
-            path.display()
-        );
-    }
-    Ok(certs)
-}
-
-fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
-    let file = std::fs::File::open(path)
-        .with_context(|| format!("upstream.keyFile: cannot read {}", path.display()))?;
-    rustls_pemfile::private_key(&mut BufReader::new(file))
-        .with_context(|| format!("upstream.keyFile: {} is not valid PEM", path.display()))?
-        .with_context(|| {
-            format!(
-                "upstream.keyFile: {} holds no private key (PKCS#8, PKCS#1 or SEC1 PEM)",
-                path.display()
-            )
-        })
-}
 
 /// Builds the rustls client configuration: server verification against `caFile` (or the
 /// system roots), the device certificate for client authentication, and ALPN when asked.
@@ -48,7 +19,7 @@ pub fn client_config(config: &MqttUpstream) -> anyhow::Result<Arc<ClientConfig>>
     let mut roots = RootCertStore::empty();
     match &config.ca_file {
         Some(path) => {
-            for cert in read_certs(path, "caFile")? {
+            for cert in read_certs(path, "upstream.caFile")? {
                 roots.add(cert).with_context(|| {
                     format!(
                         "upstream.caFile: {} holds an unusable CA certificate",
@@ -67,8 +38,8 @@ pub fn client_config(config: &MqttUpstream) -> anyhow::Result<Arc<ClientConfig>>
             }
         }
     }
-    let chain = read_certs(&config.cert_file, "certFile")?;
-    let key = read_key(&config.key_file)?;
+    let chain = read_certs(&config.cert_file, "upstream.certFile")?;
+    let key = read_key(&config.key_file, "upstream.keyFile")?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -80,24 +51,6 @@ pub fn client_config(config: &MqttUpstream) -> anyhow::Result<Arc<ClientConfig>>
         tls.alpn_protocols = vec![IOT_ALPN.to_vec()];
     }
     Ok(Arc::new(tls))
-}
-
-/// Finds a rustls error inside an I/O error chain.
-pub fn rustls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
-    let mut current: Option<&'a (dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = current {
-        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-            return Some(tls);
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && let Some(inner) = io.get_ref()
-            && let Some(tls) = inner.downcast_ref::<rustls::Error>()
-        {
-            return Some(tls);
-        }
-        current = e.source();
-    }
-    None
 }
 
 /// What a TLS failure means for the operator.
