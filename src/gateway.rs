@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::batcher::{self, Batcher};
 use crate::config::{BatchConfig, Config};
+use crate::greengrass::devices::{ClientDevices, follow_server_certificate};
 use crate::greengrass::ipc::IpcClient;
 use crate::journal::Health;
 use crate::listener::{self, Listener, Registry};
@@ -106,6 +107,8 @@ impl Gateway {
         signal: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
         let config = self.config;
+        let mut listeners = self.listeners;
+        let certificates = client_device_auth(&mut listeners, self.nucleus.as_ref())?;
         // Opening may migrate: blocking work, kept off the reactor.
         let journal_config = config.journal.clone();
         let (journal, reader, writer) =
@@ -138,7 +141,7 @@ impl Gateway {
         let (listeners_stop, listeners_shutdown) = shutdown::channel();
         let registry = Arc::new(Registry::new(&config.sessions));
         let mut listener_tasks = Vec::new();
-        for mut listener in self.listeners {
+        for mut listener in listeners {
             listener.limit_payload(max_payload, &config);
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, "Listening for agents.");
@@ -195,6 +198,9 @@ impl Gateway {
         }
 
         summary.abort();
+        if let Some(task) = certificates {
+            task.abort();
+        }
         listeners_stop.fire();
         for task in listener_tasks {
             let _ = task.await;
@@ -233,3 +239,29 @@ impl Gateway {
 
 #[cfg(test)]
 mod tests;
+
+/// Hands client device auth to the listeners with `auth.kind: greengrass`, and starts following
+/// its server certificate for them. Such listeners need the nucleus.
+fn client_device_auth(
+    listeners: &mut [Listener],
+    nucleus: Option<&IpcClient>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let mut tls = Vec::new();
+    for (index, listener) in listeners.iter_mut().enumerate() {
+        if !listener.needs_device_auth() {
+            continue;
+        }
+        let Some(client) = nucleus else {
+            anyhow::bail!(
+                "listeners[{index}].auth.kind: greengrass (client device auth) works only when \
+                 the gateway runs as a Greengrass component"
+            );
+        };
+        listener.set_device_auth(Arc::new(ClientDevices::new(client.clone())));
+        tls.extend(listener.tls());
+    }
+    Ok(match (nucleus, tls.is_empty()) {
+        (Some(client), false) => Some(tokio::spawn(follow_server_certificate(client.clone(), tls))),
+        _ => None,
+    })
+}

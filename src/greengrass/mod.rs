@@ -1,7 +1,7 @@
 //! Running as an AWS IoT Greengrass v2 component: detecting the nucleus, the IPC connection to
 //! it (`ipc`), configuration from the component's configuration with live updates and
-//! deployment validation, and lifecycle state (`component`), and the component's main loop
-//! (`runner`).
+//! deployment validation, and lifecycle state (`component`), client device auth for agents
+//! (`devices`), and the component's main loop (`runner`).
 //!
 //! Guarantees:
 //! - The gateway is a component when the nucleus set `SVCUID` and
@@ -11,6 +11,7 @@
 //!   same model and errors as a config file; `upstream` defaults to `{"kind": "greengrass"}`.
 
 pub mod component;
+pub mod devices;
 pub mod ipc;
 pub mod runner;
 

@@ -633,6 +633,51 @@ pub struct Request {
 
 type PublishPolicy = Box<dyn FnMut(&IotPublish) -> PublishReply + Send>;
 
+/// The fake's client device auth (`aws.greengrass.clientdevices.Auth`, a plugin of the Java
+/// nucleus): registered device certificates, one policy for every device (CDA's
+/// `deviceGroups` reduced to one group), session tokens, and the broker's server certificate.
+#[derive(Default)]
+struct ClientDeviceAuth {
+    /// Registered certificates (PEM without white space) -> thing name.
+    devices: HashMap<String, String>,
+    /// (operation, resource pattern): `*` matches anything, `${iot:Connection.Thing.ThingName}`
+    /// is the device's thing name.
+    policy: Vec<(String, String)>,
+    /// Session token -> thing name.
+    tokens: HashMap<String, String>,
+    next_token: u64,
+    /// The `certificateUpdate` of the current server certificate.
+    server_certificate: Option<Value>,
+    /// Every AuthorizeClientDeviceAction: (thing or "?", operation, resource, answer).
+    decisions: Vec<(String, String, String, bool)>,
+}
+
+fn pem_key(pem: &str) -> String {
+    pem.chars().filter(|c| !c.is_whitespace()).collect()
+}
+
+/// `*` glob match.
+fn glob(pattern: &str, text: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == text,
+        Some((head, rest)) => {
+            let Some(tail) = text.strip_prefix(head) else {
+                return false;
+            };
+            (0..=tail.len()).any(|i| tail.is_char_boundary(i) && glob(rest, &tail[i..]))
+        }
+    }
+}
+
+impl ClientDeviceAuth {
+    fn allows(&self, thing: &str, operation: &str, resource: &str) -> bool {
+        self.policy.iter().any(|(op, res)| {
+            let res = res.replace("${iot:Connection.Thing.ThingName}", thing);
+            (op == operation || op == "mqtt:*" || op == "*") && glob(&res, resource)
+        })
+    }
+}
+
 // ------------------------------------------------------------------ shared state
 
 enum Out {
@@ -666,6 +711,11 @@ enum Subscription {
         conn: u64,
         stream_id: i32,
     },
+    /// SubscribeToCertificateUpdates (client device auth).
+    Certificates {
+        conn: u64,
+        stream_id: i32,
+    },
 }
 
 impl Subscription {
@@ -675,7 +725,8 @@ impl Subscription {
             Subscription::ConfigUpdate {
                 conn, stream_id, ..
             }
-            | Subscription::ValidateConfig { conn, stream_id } => (*conn, *stream_id),
+            | Subscription::ValidateConfig { conn, stream_id }
+            | Subscription::Certificates { conn, stream_id } => (*conn, *stream_id),
         }
     }
 }
@@ -699,6 +750,7 @@ struct State {
     pending_validations: BTreeSet<String>,
     subscriptions: Vec<Subscription>,
     operation_errors: HashMap<String, ModelledError>,
+    client_devices: ClientDeviceAuth,
     log: VecDeque<String>,
     log_dropped: usize,
 }
@@ -1413,6 +1465,78 @@ impl FakeNucleus {
         self.shared.with_state(|st| {
             st.other_configs.insert(component.to_string(), config);
         });
+    }
+
+    /// Client device auth: register a device certificate (PEM) as IoT thing `thing_name`.
+    pub fn register_client_device(&self, certificate_pem: &str, thing_name: &str) {
+        self.shared.with_state(|st| {
+            st.client_devices
+                .devices
+                .insert(pem_key(certificate_pem), thing_name.to_string());
+        });
+    }
+
+    /// Client device auth's policy for every device: `(operation, resource)` statements, e.g.
+    /// `("mqtt:publish", "mqtt:topic:agents/${iot:Connection.Thing.ThingName}/*")`.
+    pub fn set_client_device_policy(&self, statements: &[(&str, &str)]) {
+        self.shared.with_state(|st| {
+            st.client_devices.policy = statements
+                .iter()
+                .map(|(o, r)| (o.to_string(), r.to_string()))
+                .collect();
+        });
+    }
+
+    /// Forget every session token (as when client device auth restarts): the next
+    /// AuthorizeClientDeviceAction with an old one gets InvalidClientDeviceAuthTokenError.
+    pub fn expire_client_device_tokens(&self) {
+        self.shared
+            .with_state(|st| st.client_devices.tokens.clear());
+    }
+
+    /// Every AuthorizeClientDeviceAction answered: (thing, operation, resource, allowed).
+    pub fn client_device_decisions(&self) -> Vec<(String, String, String, bool)> {
+        self.shared
+            .with_state(|st| st.client_devices.decisions.clone())
+    }
+
+    /// Rotate the broker's server certificate: stored for new subscribers and sent to every
+    /// SubscribeToCertificateUpdates stream. Returns how many streams got it.
+    pub fn rotate_server_certificate(
+        &self,
+        certificate: &str,
+        private_key: &str,
+        ca: &[String],
+    ) -> usize {
+        let update = json!({
+            "certificate": certificate,
+            "privateKey": private_key,
+            "publicKey": "",
+            "caCertificates": ca,
+        });
+        self.shared.with_state(|st| {
+            st.client_devices.server_certificate = Some(update.clone());
+            let targets: Vec<(u64, i32)> = st
+                .subscriptions
+                .iter()
+                .filter_map(|s| match s {
+                    Subscription::Certificates { conn, stream_id } => Some((*conn, *stream_id)),
+                    _ => None,
+                })
+                .collect();
+            let body = json!({"certificateUpdate": update});
+            for (conn, stream_id) in &targets {
+                let frame = self
+                    .shared
+                    .event_frame(*stream_id, "CertificateUpdateEvent", &body);
+                st.send(*conn, &frame);
+            }
+            st.log(format!(
+                "server certificate rotated, sent to {} stream(s)",
+                targets.len()
+            ));
+            targets.len()
+        })
     }
 
     /// Deliver an IoT Core message to every SubscribeToIoTCore stream whose filter matches
@@ -2197,6 +2321,14 @@ fn dispatch(
                 }));
             shared.respond(st, conn, stream_id, &op, json!({}), false);
         }),
+        "VerifyClientDeviceIdentity"
+        | "GetClientDeviceAuthToken"
+        | "AuthorizeClientDeviceAction"
+        | "SubscribeToCertificateUpdates"
+            if mode == NucleusMode::Java =>
+        {
+            shared.with_state(|st| client_device_auth(shared, st, conn, stream_id, &op, &body))
+        }
         _ => shared.with_state(|st| match mode {
             NucleusMode::Java => {
                 let f = Frame::rpc(rpc::APPLICATION_ERROR, rpc::TERMINATE_STREAM, stream_id)
@@ -2213,6 +2345,104 @@ fn dispatch(
             }
             NucleusMode::Lite => shared.fail(st, conn, stream_id, &lite_invalid()),
         }),
+    }
+}
+
+/// The client device auth operations, as the CDA plugin of the Java nucleus answers them.
+fn client_device_auth(
+    shared: &Shared,
+    st: &mut State,
+    conn: u64,
+    stream_id: i32,
+    op: &str,
+    body: &Value,
+) {
+    let invalid = |what: &str| ModelledError::invalid_arguments(&format!("{what} is required"));
+    match op {
+        "VerifyClientDeviceIdentity" => {
+            let Some(pem) = body["credential"]["clientDeviceCertificate"].as_str() else {
+                return shared.fail(st, conn, stream_id, &invalid("clientDeviceCertificate"));
+            };
+            let valid = st.client_devices.devices.contains_key(&pem_key(pem));
+            st.log(format!("VerifyClientDeviceIdentity -> {valid}"));
+            shared.respond(
+                st,
+                conn,
+                stream_id,
+                op,
+                json!({"isValidClientDevice": valid}),
+                true,
+            );
+        }
+        "GetClientDeviceAuthToken" => {
+            let mqtt = &body["credential"]["mqttCredential"];
+            let (Some(client_id), Some(pem)) =
+                (mqtt["clientId"].as_str(), mqtt["certificatePem"].as_str())
+            else {
+                return shared.fail(st, conn, stream_id, &invalid("mqttCredential"));
+            };
+            let Some(thing) = st.client_devices.devices.get(&pem_key(pem)).cloned() else {
+                let e = ModelledError::new(
+                    "InvalidCredentialError",
+                    "Failed to authenticate the client device",
+                );
+                return shared.fail(st, conn, stream_id, &e);
+            };
+            st.client_devices.next_token += 1;
+            let token = format!("cda-session-{}", st.client_devices.next_token);
+            st.client_devices
+                .tokens
+                .insert(token.clone(), thing.clone());
+            st.log(format!(
+                "GetClientDeviceAuthToken {client_id} ({thing}) -> {token}"
+            ));
+            let answer = json!({"clientDeviceAuthToken": token});
+            shared.respond(st, conn, stream_id, op, answer, true);
+        }
+        "AuthorizeClientDeviceAction" => {
+            let (Some(token), Some(operation), Some(resource)) = (
+                body["clientDeviceAuthToken"].as_str(),
+                body["operation"].as_str(),
+                body["resource"].as_str(),
+            ) else {
+                return shared.fail(st, conn, stream_id, &invalid("clientDeviceAuthToken"));
+            };
+            let Some(thing) = st.client_devices.tokens.get(token).cloned() else {
+                let e = ModelledError::new(
+                    "InvalidClientDeviceAuthTokenError",
+                    "Invalid client device auth token",
+                );
+                return shared.fail(st, conn, stream_id, &e);
+            };
+            let allowed = st.client_devices.allows(&thing, operation, resource);
+            st.client_devices.decisions.push((
+                thing,
+                operation.to_string(),
+                resource.to_string(),
+                allowed,
+            ));
+            shared.respond(
+                st,
+                conn,
+                stream_id,
+                op,
+                json!({"isAuthorized": allowed}),
+                true,
+            );
+        }
+        _ => {
+            if body["certificateOptions"]["certificateType"].as_str() != Some("SERVER") {
+                return shared.fail(st, conn, stream_id, &invalid("certificateType SERVER"));
+            }
+            st.subscriptions
+                .push(Subscription::Certificates { conn, stream_id });
+            shared.respond(st, conn, stream_id, op, json!({}), false);
+            if let Some(update) = st.client_devices.server_certificate.clone() {
+                let body = json!({"certificateUpdate": update});
+                let frame = shared.event_frame(stream_id, "CertificateUpdateEvent", &body);
+                st.send(conn, &frame);
+            }
+        }
     }
 }
 

@@ -5,7 +5,9 @@
 //! nothing before the cloud's receipts and resends what is not receipted; a configuration
 //! update changes `batch.maxDelayMs` live; an invalid deployment is reported invalid; losing
 //! the IPC connection or a refused token ends the process non-zero with a clear message;
-//! `kill -9` under load loses nothing acknowledged.
+//! `kill -9` under load loses nothing acknowledged; with `auth.kind: greengrass`, agents are
+//! admitted and authorized per the fake's client device auth, whose server certificate the
+//! listener serves and follows.
 
 use std::collections::HashSet;
 use std::fs::OpenOptions;
@@ -552,4 +554,174 @@ async fn kill_9_under_load_loses_nothing_acknowledged() {
     wait_delivered(&fake, &report.acked, &component).await;
     assert!(fake.oversize_frames().is_empty());
     assert!(component.stop().await.success());
+}
+
+/// Client device auth (`auth.kind: greengrass`): the fake's CDA knows `device-1` and
+/// `device-3` (IoT certificates from another CA than the core device CA that signs the
+/// listener's certificate) and lets each connect as its thing name and publish under
+/// `agents/<thing>/t/`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_device_auth_admits_and_authorizes_agents_per_the_nucleus() {
+    use crate::security::{connect_outcome, read_certs, server_certificate, tls_options};
+    use crate::upstream_support::{Pki, Signer, Usage};
+    use std::sync::atomic::Ordering;
+
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(dir.path());
+    let sans = ["localhost", "127.0.0.1"];
+    let (server, server_key) = pki.issue(
+        "core-1",
+        "localhost",
+        &sans,
+        Usage::Server,
+        false,
+        Signer::Ca,
+    );
+    for device in ["device-1", "device-2", "device-3"] {
+        pki.issue(device, device, &[], Usage::Client, false, Signer::OtherCa);
+    }
+    let pem = |p: PathBuf| std::fs::read_to_string(p).unwrap();
+    let port = free_port();
+    let mut config = component_config(port, json!({}));
+    config["listeners"] =
+        json!([{"bind": format!("127.0.0.1:{port}"), "tls": {}, "auth": {"kind": "greengrass"}}]);
+    let nucleus = nucleus(NucleusMode::Java, config).await;
+    nucleus.register_client_device(&pem(pki.pair("device-1").0), "device-1");
+    nucleus.register_client_device(&pem(pki.pair("device-3").0), "device-3");
+    nucleus.set_client_device_policy(&[
+        (
+            "mqtt:connect",
+            "mqtt:clientId:${iot:Connection.Thing.ThingName}",
+        ),
+        (
+            "mqtt:publish",
+            "mqtt:topic:agents/${iot:Connection.Thing.ThingName}/t/*",
+        ),
+        (
+            "mqtt:subscribe",
+            "mqtt:topicfilter:agents/${iot:Connection.Thing.ThingName}/commands/*",
+        ),
+    ]);
+    nucleus.rotate_server_certificate(&pem(server.clone()), &pem(server_key), &[pem(pki.ca())]);
+    let mut component = Component::start(&nucleus, port).await;
+    component.wait_listening().await;
+
+    // The listener serves client device auth's certificate (it arrives over IPC).
+    let first = poll_until(
+        "the server certificate from CDA",
+        DELIVERY_TIMEOUT,
+        || async { server_certificate(&pki, port, "device-1").await },
+    )
+    .await;
+    assert_eq!(first, read_certs(&server)[0].to_vec());
+
+    // A registered device connects as its thing and publishes where the policy allows.
+    let mut agent =
+        AckedPublisher::connect_with(tls_options(&pki, port, "device-1", Some("device-1"))).await;
+    agent
+        .publish(
+            "agents/device-1/t/1",
+            QoS::AtLeastOnce,
+            b"cda allowed 1".to_vec(),
+        )
+        .await
+        .unwrap();
+    // An expired session token is renewed: a new topic is still authorized.
+    nucleus.expire_client_device_tokens();
+    agent
+        .publish(
+            "agents/device-1/t/2",
+            QoS::AtLeastOnce,
+            b"cda allowed 2".to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(agent.errors.load(Ordering::SeqCst), 0);
+
+    // Unknown certificate; a known one connecting as another thing: CONNACK not authorized.
+    for (cert, id) in [("device-2", "device-2"), ("device-3", "device-1")] {
+        let outcome = connect_outcome(tls_options(&pki, port, id, Some(cert))).await;
+        assert_eq!(
+            outcome,
+            Err("CONNACK NotAuthorized".to_string()),
+            "{cert} as {id}"
+        );
+    }
+
+    // A rotated server certificate is served to new connections; the agent stays connected.
+    let (rotated, rotated_key) = pki.issue(
+        "core-2",
+        "localhost",
+        &sans,
+        Usage::Server,
+        false,
+        Signer::Ca,
+    );
+    assert_eq!(
+        nucleus.rotate_server_certificate(
+            &pem(rotated.clone()),
+            &pem(rotated_key),
+            &[pem(pki.ca())]
+        ),
+        1
+    );
+    let rotated = read_certs(&rotated)[0].to_vec();
+    poll_until("the rotated certificate", DELIVERY_TIMEOUT, || async {
+        match server_certificate(&pki, port, "device-3").await {
+            Ok(der) if der == rotated => Ok(()),
+            other => Err(format!("{:?}", other.map(|d| d.len()))),
+        }
+    })
+    .await;
+    agent
+        .publish(
+            "agents/device-1/t/3",
+            QoS::AtLeastOnce,
+            b"cda allowed 3".to_vec(),
+        )
+        .await
+        .unwrap();
+
+    // Outside the policy (though inside the default ACL): denied; 3.1.1 closes the connection.
+    let denied = agent
+        .publish(
+            "agents/device-1/other",
+            QoS::AtLeastOnce,
+            b"cda denied".to_vec(),
+        )
+        .await;
+    assert!(denied.is_err(), "a publish CDA denies was acknowledged");
+    let decisions = nucleus.client_device_decisions();
+    let asked = |resource: &str, allowed: bool| {
+        decisions
+            .iter()
+            .any(|(thing, _, r, a)| thing == "device-1" && r == resource && *a == allowed)
+    };
+    assert!(asked("mqtt:clientId:device-1", true), "{decisions:?}");
+    assert!(
+        asked("mqtt:topic:agents/device-1/t/2", true),
+        "{decisions:?}"
+    );
+    assert!(
+        asked("mqtt:topic:agents/device-1/other", false),
+        "{decisions:?}"
+    );
+    let records = wait_delivered(
+        &nucleus,
+        &[
+            b"cda allowed 1".to_vec(),
+            b"cda allowed 2".to_vec(),
+            b"cda allowed 3".to_vec(),
+        ],
+        &component,
+    )
+    .await;
+    assert!(records.iter().all(|r| support::client_id(r) == "device-1"));
+    assert!(
+        !records
+            .iter()
+            .any(|r| support::payload_bytes(r) == b"cda denied")
+    );
+    agent.disconnect().await;
+    assert!(component.stop().await.success(), "{}", component.logs());
 }

@@ -78,7 +78,7 @@ fn mtls_listener(pki: &Pki) -> Value {
     json!({"tls": {"certFile": cert, "keyFile": key, "clientCaFile": pki.ca(), "handshakeTimeoutMs": 1000}})
 }
 
-fn read_certs(path: &Path) -> Vec<CertificateDer<'static>> {
+pub fn read_certs(path: &Path) -> Vec<CertificateDer<'static>> {
     let pem = std::fs::read(path).unwrap();
     rustls_pemfile::certs(&mut &pem[..])
         .collect::<Result<_, _>>()
@@ -86,7 +86,7 @@ fn read_certs(path: &Path) -> Vec<CertificateDer<'static>> {
 }
 
 /// A rustls client config trusting the test CA, presenting `cert` (a leaf name) if given.
-fn client_tls(pki: &Pki, cert: Option<&str>) -> Arc<rustls::ClientConfig> {
+pub fn client_tls(pki: &Pki, cert: Option<&str>) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for c in read_certs(&pki.ca()) {
         roots.add(c).unwrap();
@@ -110,7 +110,7 @@ fn client_tls(pki: &Pki, cert: Option<&str>) -> Arc<rustls::ClientConfig> {
     })
 }
 
-fn tls_options(pki: &Pki, port: u16, client_id: &str, cert: Option<&str>) -> MqttOptions {
+pub fn tls_options(pki: &Pki, port: u16, client_id: &str, cert: Option<&str>) -> MqttOptions {
     let mut o = MqttOptions::new(client_id, "localhost", port);
     o.set_keep_alive(Duration::from_secs(30));
     o.set_transport(rumqttc::Transport::tls_with_config(
@@ -121,7 +121,7 @@ fn tls_options(pki: &Pki, port: u16, client_id: &str, cert: Option<&str>) -> Mqt
 
 /// How a rumqttc connection attempt ended: `Ok` on a successful CONNACK, else the refusal
 /// (`CONNACK <code>`) or the transport error.
-async fn connect_outcome(opts: MqttOptions) -> Result<(), String> {
+pub async fn connect_outcome(opts: MqttOptions) -> Result<(), String> {
     let (_client, mut events) = AsyncClient::new(opts, 8);
     let outcome = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
@@ -500,7 +500,7 @@ async fn password_authentication_checks_argon2_hashes_and_reloads_the_file() {
 }
 
 /// Opens a TLS connection presenting `cert`; returns the server's certificate.
-async fn server_certificate(pki: &Pki, port: u16, cert: &str) -> Result<Vec<u8>, String> {
+pub async fn server_certificate(pki: &Pki, port: u16, cert: &str) -> Result<Vec<u8>, String> {
     let connector = tokio_rustls::TlsConnector::from(client_tls(pki, Some(cert)));
     let tcp = TcpStream::connect(("127.0.0.1", port))
         .await
