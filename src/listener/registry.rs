@@ -10,11 +10,11 @@
 //!   gateway restart ends them (what agents published is in the journal regardless).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use crate::config::SessionsConfig;
@@ -63,16 +63,77 @@ pub type Takeover = oneshot::Sender<SessionState>;
 struct Live {
     conn_id: u64,
     takeover: Option<oneshot::Sender<Takeover>>,
-    deliveries: mpsc::Sender<Queued>,
-    /// `DELIVERY_QUEUE_BYTES` for this connection; each queued delivery holds its share.
-    queue_bytes: std::sync::Arc<Semaphore>,
+    deliveries: Arc<DeliveryQueue>,
 }
 
-/// A delivery waiting in a connection's queue, holding its share of the queue's bytes until the
-/// session takes it.
-pub struct Queued {
-    pub delivery: Delivery,
-    _bytes: OwnedSemaphorePermit,
+/// One connection's queued deliveries, bounded by `DELIVERY_QUEUE` and
+/// `DELIVERY_QUEUE_BYTES`. Allocates nothing while empty: an idle agent costs no queue memory
+/// (a channel would allocate a block of slots per connection up front).
+#[derive(Default)]
+struct DeliveryQueue {
+    queue: Mutex<Queue>,
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Delivery>,
+    bytes: usize,
+}
+
+fn queued_bytes(delivery: &Delivery) -> usize {
+    (delivery.payload.len() + delivery.topic.len()).max(1)
+}
+
+impl DeliveryQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, delivery: Delivery) -> Result<(), DeliverError> {
+        let bytes = queued_bytes(&delivery);
+        let mut queue = self.lock();
+        if queue.items.len() >= DELIVERY_QUEUE || queue.bytes + bytes > DELIVERY_QUEUE_BYTES {
+            return Err(DeliverError::Full);
+        }
+        queue.bytes += bytes;
+        queue.items.push_back(delivery);
+        drop(queue);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    fn pop(&self) -> Option<Delivery> {
+        let mut queue = self.lock();
+        let delivery = queue.items.pop_front()?;
+        queue.bytes -= queued_bytes(&delivery);
+        if queue.items.is_empty() {
+            // Give the memory of a burst back.
+            queue.items = VecDeque::new();
+        }
+        Some(delivery)
+    }
+}
+
+/// The receiving end of a connection's deliveries.
+pub struct Deliveries(Arc<DeliveryQueue>);
+
+impl Deliveries {
+    /// The next delivery, waiting for one. Cancel-safe.
+    pub async fn recv(&mut self) -> Delivery {
+        loop {
+            if let Some(delivery) = self.0.pop() {
+                return delivery;
+            }
+            // `notify_one` keeps a permit when nobody waits, so a push between `pop` and
+            // here is not missed.
+            self.0.ready.notified().await;
+        }
+    }
+
+    pub fn try_recv(&mut self) -> Option<Delivery> {
+        self.0.pop()
+    }
 }
 
 /// A stored session and its place in `Inner::expiry`.
@@ -138,7 +199,7 @@ pub struct Registration {
     pub state: SessionState,
     pub session_present: bool,
     pub takeover: oneshot::Receiver<Takeover>,
-    pub deliveries: mpsc::Receiver<Queued>,
+    pub deliveries: Deliveries,
 }
 
 impl Registry {
@@ -165,7 +226,7 @@ impl Registry {
     /// Registers a connection for `client_id`, taking over any live one first.
     pub async fn register(&self, client_id: &str, clean_start: bool) -> Registration {
         let (takeover_tx, takeover_rx) = oneshot::channel();
-        let (deliver_tx, deliver_rx) = mpsc::channel(DELIVERY_QUEUE);
+        let deliveries = Arc::new(DeliveryQueue::default());
         let (conn_id, previous) = {
             let mut inner = self.lock();
             inner.next_conn_id += 1;
@@ -175,8 +236,7 @@ impl Registry {
                 Live {
                     conn_id,
                     takeover: Some(takeover_tx),
-                    deliveries: deliver_tx,
-                    queue_bytes: std::sync::Arc::new(Semaphore::new(DELIVERY_QUEUE_BYTES)),
+                    deliveries: deliveries.clone(),
                 },
             );
             (conn_id, previous)
@@ -210,7 +270,7 @@ impl Registry {
             state,
             session_present,
             takeover: takeover_rx,
-            deliveries: deliver_rx,
+            deliveries: Deliveries(deliveries),
         }
     }
 
@@ -251,20 +311,7 @@ impl Registry {
     pub fn deliver(&self, client_id: &str, delivery: Delivery) -> Result<(), DeliverError> {
         let inner = self.lock();
         let live = inner.live.get(client_id).ok_or(DeliverError::Offline)?;
-        let bytes = (delivery.payload.len() + delivery.topic.len()).clamp(1, DELIVERY_QUEUE_BYTES);
-        let permit = live
-            .queue_bytes
-            .clone()
-            .try_acquire_many_owned(bytes as u32)
-            .map_err(|_| DeliverError::Full)?;
-        let queued = Queued {
-            delivery,
-            _bytes: permit,
-        };
-        live.deliveries.try_send(queued).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => DeliverError::Full,
-            mpsc::error::TrySendError::Closed(_) => DeliverError::Offline,
-        })
+        live.deliveries.push(delivery)
     }
 }
 

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rustls::pki_types::CertificateDer;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -124,6 +124,23 @@ pub async fn serve(
     let Some(tls) = settings.tls.clone() else {
         return serve_mqtt(stream, None, peer, settings, journal, registry, shutdown).await;
     };
+    // A TLS connection's future is larger (the handshake, the TLS stream): boxed, so that a
+    // plain connection's task does not carry room for it.
+    Box::pin(serve_tls(
+        stream, tls, peer, settings, journal, registry, shutdown,
+    ))
+    .await
+}
+
+async fn serve_tls(
+    stream: TcpStream,
+    tls: Arc<super::tls::ServerTls>,
+    peer: SocketAddr,
+    settings: Arc<Settings>,
+    journal: Journal,
+    registry: Arc<Registry>,
+    shutdown: Shutdown,
+) {
     let Some(config) = tls.config() else {
         refused_handshake(
             peer,
@@ -132,6 +149,8 @@ pub async fn serve(
         return;
     };
     let handshake = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+    // Boxed, like the other one-off phases below: a future holds room for its largest state,
+    // and an idle connection should not carry the handshake's and CONNECT's.
     match tokio::time::timeout(settings.handshake_timeout, handshake).await {
         Ok(Ok(stream)) => {
             let cert = stream
@@ -150,6 +169,46 @@ pub async fn serve(
                 settings.handshake_timeout.as_millis()
             ),
         ),
+    }
+}
+
+/// Size of the per-thread buffer sockets are read into.
+const SCRATCH: usize = 16 * 1024;
+
+thread_local! {
+    static SCRATCH_BUF: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; SCRATCH].into_boxed_slice());
+}
+
+/// Reads what the socket has into `buf`, through a per-thread scratch buffer: a connection
+/// waiting for its agent holds no read buffer of its own (`buf` stays empty between packets;
+/// only a partial packet is kept). Cancel-safe: bytes are copied only once read.
+async fn read_some<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        SCRATCH_BUF.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let mut read = tokio::io::ReadBuf::new(&mut scratch[..]);
+            match std::pin::Pin::new(&mut *reader).poll_read(cx, &mut read) {
+                std::task::Poll::Ready(Ok(())) => {
+                    let filled = read.filled();
+                    buf.extend_from_slice(filled);
+                    std::task::Poll::Ready(Ok(filled.len()))
+                }
+                std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
+                std::task::Poll::Pending => std::task::Poll::Pending,
+            }
+        })
+    })
+    .await
+}
+
+/// Frees an emptied buffer's memory, so an idle connection holds none.
+fn release_if_empty(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > 0 {
+        *buf = BytesMut::new();
     }
 }
 
@@ -175,13 +234,13 @@ pub async fn serve_mqtt<S: AsyncRead + AsyncWrite + Send + 'static>(
     let mut conn = Connection {
         reader,
         writer,
-        read_buf: BytesMut::with_capacity(8 * 1024),
-        write_buf: BytesMut::with_capacity(8 * 1024),
+        read_buf: BytesMut::new(),
+        write_buf: BytesMut::new(),
         protocol: Protocol::V311,
         settings,
         journal,
     };
-    let mut request = match conn.read_connect().await {
+    let mut request = match Box::pin(conn.read_connect()).await {
         Ok(request) => request,
         Err(why) => {
             tracing::debug!(%peer, reason = %why, "Connection closed before session start.");
@@ -189,7 +248,7 @@ pub async fn serve_mqtt<S: AsyncRead + AsyncWrite + Send + 'static>(
         }
     };
     conn.protocol = request.protocol;
-    let admitted = match conn.admit(&mut request, cert.as_ref()).await {
+    let admitted = match Box::pin(conn.admit(&mut request, cert.as_ref())).await {
         Ok(admitted) => admitted,
         Err((code, why)) => {
             static LOG: telemetry::Throttle = telemetry::Throttle::new(1_000);
@@ -202,7 +261,7 @@ pub async fn serve_mqtt<S: AsyncRead + AsyncWrite + Send + 'static>(
                     "Refused an agent's CONNECT."
                 );
             }
-            conn.refuse_connect(code).await;
+            Box::pin(conn.refuse_connect(code)).await;
             return;
         }
     };
@@ -265,6 +324,7 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
                 }
             }
         }
+        release_if_empty(&mut self.write_buf);
         Ok(())
     }
 
@@ -279,7 +339,8 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
                 Ok(None) => {}
                 Err(e) => break Err(e),
             }
-            match tokio::time::timeout_at(deadline, self.reader.read_buf(&mut self.read_buf)).await
+            match tokio::time::timeout_at(deadline, read_some(&mut self.reader, &mut self.read_buf))
+                .await
             {
                 Err(_) => {
                     metrics::counter!(telemetry::REFUSALS, "reason" => "connect_timeout")
@@ -487,7 +548,7 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
         mut shutdown: Shutdown,
     ) {
         let client_id = request.client_id.clone();
-        let mut registration = registry.register(&client_id, request.clean_start).await;
+        let mut registration = Box::pin(registry.register(&client_id, request.clean_start)).await;
         metrics::counter!(telemetry::CONNECTIONS_TOTAL).increment(1);
         metrics::gauge!(telemetry::CONNECTIONS).increment(1.0);
         telemetry::PROGRESS
@@ -535,7 +596,7 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
         let close = self
             .event_loop(&mut session, &mut registration, keep_alive, &mut shutdown)
             .await;
-        let close = self.finish(&mut session, close).await;
+        let close = Box::pin(self.finish(&mut session, close)).await;
         // A new connection that took the session over while this one was closing still gets
         // the session: it waits for it (`TAKEOVER_WAIT`).
         let close = match close {
@@ -562,8 +623,8 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
         for (_, delivery) in unacked.into_iter().rev() {
             state.undelivered.push_front(delivery);
         }
-        while let Ok(queued) = registration.deliveries.try_recv() {
-            state.undelivered.push_back(queued.delivery);
+        while let Some(delivery) = registration.deliveries.try_recv() {
+            state.undelivered.push_back(delivery);
         }
         match &close {
             Close::Normal { with_will } => {
@@ -623,7 +684,7 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
             );
         }
         if let Some(will) = will {
-            self.journal_will(&session.identity, will).await;
+            Box::pin(self.journal_will(&session.identity, will)).await;
         }
         metrics::gauge!(telemetry::CONNECTIONS).decrement(1.0);
         telemetry::PROGRESS
@@ -665,7 +726,7 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
             enum Event {
                 Committed(Outcome),
                 Read(std::io::Result<usize>),
-                Deliver(Option<Delivery>),
+                Deliver(Delivery),
                 Takeover(Takeover),
                 KeepAliveExpired,
                 Shutdown,
@@ -675,8 +736,8 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
                 result = next_commit(&mut session.pending), if !session.pending.is_empty() => Event::Committed(result),
                 _ = shutdown.wait() => Event::Shutdown,
                 Ok(handover) = &mut registration.takeover => Event::Takeover(handover),
-                result = self.reader.read_buf(&mut self.read_buf), if can_read => Event::Read(result),
-                queued = registration.deliveries.recv(), if can_deliver => Event::Deliver(queued.map(|q| q.delivery)),
+                result = read_some(&mut self.reader, &mut self.read_buf), if can_read => Event::Read(result),
+                delivery = registration.deliveries.recv(), if can_deliver => Event::Deliver(delivery),
                 _ = sleep_until_opt(expires) => Event::KeepAliveExpired,
                 // Over its publish rate: read again once back under it.
                 _ = tokio::time::sleep(throttled), if !throttled.is_zero() => {
@@ -711,13 +772,13 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
                                 Ok(None) => break,
                                 Err(e) => return refused_for(&e),
                             };
-                        if let Some(close) = session.handle(self, packet).await {
+                        if let Some(close) = Box::pin(session.handle(self, packet)).await {
                             return close;
                         }
                     }
+                    release_if_empty(&mut self.read_buf);
                 }
-                Event::Deliver(Some(delivery)) => session.send_delivery(self, delivery),
-                Event::Deliver(None) => {}
+                Event::Deliver(delivery) => session.send_delivery(self, delivery),
                 Event::Takeover(handover) => return Close::TakenOver(handover),
                 Event::KeepAliveExpired => {
                     return Close::Refused(
