@@ -1128,7 +1128,7 @@ fn default_log_level() -> String {
 mod security;
 pub use security::{
     AclAction, AclRuleConfig, AuthConfig, AuthKind, IdentityFrom, ListenerTls, OnDenied,
-    default_acl,
+    default_acl, default_handshake_timeout_ms,
 };
 
 #[cfg(test)]

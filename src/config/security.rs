@@ -312,7 +312,7 @@ pub(super) fn validate_acl(rules: &[AclRuleConfig], errors: &mut Vec<InvalidKey>
     }
 }
 
-const fn default_handshake_timeout_ms() -> Bounded<100, 600_000> {
+pub const fn default_handshake_timeout_ms() -> Bounded<100, 600_000> {
     Bounded::new(10_000)
 }
 pub(super) const fn default_max_connections() -> Bounded<1, 10_000_000> {

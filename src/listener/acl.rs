@@ -184,12 +184,15 @@ fn deny_all_from(rule: &Rule) -> Vec<Cow<'_, str>> {
     levels
 }
 
+/// Topics beginning with `$` are not matched by a filter's leading wildcard.
+fn wildcard_meets_dollar<S: AsRef<str>>(f: &[S], t: &[&str]) -> bool {
+    t.first().is_some_and(|l| l.starts_with('$'))
+        && f.first().is_some_and(|l| matches!(l.as_ref(), "+" | "#"))
+}
+
 /// Whether filter `f` matches topic name `t` (MQTT semantics; `#` also matches the parent).
 fn matches<S: AsRef<str>>(f: &[S], t: &[&str]) -> bool {
-    // Topics beginning with `$` are not matched by a leading wildcard.
-    if t.first().is_some_and(|l| l.starts_with('$'))
-        && f.first().is_some_and(|l| matches!(l.as_ref(), "+" | "#"))
-    {
+    if wildcard_meets_dollar(f, t) {
         return false;
     }
     let mut i = 0;
@@ -214,9 +217,7 @@ fn matches<S: AsRef<str>>(f: &[S], t: &[&str]) -> bool {
 
 /// Whether every topic filter `sub` can match is matched by filter `f`.
 fn covers<S: AsRef<str>>(f: &[S], sub: &[&str]) -> bool {
-    if sub.first().is_some_and(|l| l.starts_with('$'))
-        && f.first().is_some_and(|l| matches!(l.as_ref(), "+" | "#"))
-    {
+    if wildcard_meets_dollar(f, sub) {
         return false;
     }
     let mut i = 0;

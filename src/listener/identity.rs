@@ -130,17 +130,17 @@ impl PasswordFile {
 pub struct Passwords {
     path: PathBuf,
     current: std::sync::RwLock<std::sync::Arc<PasswordFile>>,
-    stamp: std::sync::Mutex<Option<super::tls::FileStamp>>,
+    watch: super::tls::FileWatch,
 }
 
 impl Passwords {
     pub fn load(path: &Path) -> Result<Self, String> {
-        let stamp = super::tls::FileStamp::of(&[path]);
+        let watch = super::tls::FileWatch::new(vec![path.to_owned()]);
         let file = PasswordFile::load(path)?;
         Ok(Self {
             path: path.to_owned(),
             current: std::sync::RwLock::new(std::sync::Arc::new(file)),
-            stamp: std::sync::Mutex::new(stamp),
+            watch,
         })
     }
 
@@ -153,12 +153,9 @@ impl Passwords {
 
     /// Reloads when the file changed (or `force`); keeps the old one when the new one is bad.
     pub fn reload(&self, force: bool) {
-        let stamp = super::tls::FileStamp::of(&[&self.path]);
-        let mut last = self.stamp.lock().unwrap_or_else(|e| e.into_inner());
-        if !force && stamp == *last {
+        if !self.watch.changed(force) {
             return;
         }
-        *last = stamp;
         match PasswordFile::load(&self.path) {
             Ok(file) => {
                 tracing::info!(path = %self.path.display(), users = file.len(), "Reloaded the password file.");

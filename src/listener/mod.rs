@@ -34,7 +34,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::config::{AuthKind, Config, IdentityFrom, ListenerConfig, OnDenied};
+use crate::config::{
+    AuthKind, Config, IdentityFrom, ListenerConfig, OnDenied, default_handshake_timeout_ms,
+};
 use crate::journal::Journal;
 use crate::shutdown::Shutdown;
 use crate::sink::pacing::TokenBucket;
@@ -148,7 +150,8 @@ impl Settings {
                 listener
                     .tls
                     .as_ref()
-                    .map_or(10_000, |t| t.handshake_timeout_ms.get()),
+                    .map_or(default_handshake_timeout_ms(), |t| t.handshake_timeout_ms)
+                    .get(),
             ),
             identity_from: listener
                 .tls

@@ -149,8 +149,6 @@ async fn serve_tls(
         return;
     };
     let handshake = tokio_rustls::TlsAcceptor::from(config).accept(stream);
-    // Boxed, like the other one-off phases below: a future holds room for its largest state,
-    // and an idle connection should not carry the handshake's and CONNECT's.
     match tokio::time::timeout(settings.handshake_timeout, handshake).await {
         Ok(Ok(stream)) => {
             let cert = stream
@@ -205,6 +203,21 @@ async fn read_some<R: AsyncRead + Unpin>(
     .await
 }
 
+/// Whether the ACL and, under Greengrass, client device auth both allow `access` to `topic`.
+async fn permitted(
+    settings: &Settings,
+    subject: &Subject<'_>,
+    device: Option<&dyn DeviceGrant>,
+    access: Access,
+    topic: &str,
+) -> bool {
+    settings.acl.allows(subject, access, topic)
+        && match device {
+            Some(grant) => grant.allows(access, topic).await,
+            None => true,
+        }
+}
+
 /// Frees an emptied buffer's memory, so an idle connection holds none.
 fn release_if_empty(buf: &mut BytesMut) {
     if buf.is_empty() && buf.capacity() > 0 {
@@ -240,6 +253,8 @@ pub async fn serve_mqtt<S: AsyncRead + AsyncWrite + Send + 'static>(
         settings,
         journal,
     };
+    // The one-off phases (here and in `run_session`) are boxed: a future holds room for its
+    // largest state, and an idle connection should not carry the CONNECT's or admission's.
     let mut request = match Box::pin(conn.read_connect()).await {
         Ok(request) => request,
         Err(why) => {
@@ -524,11 +539,8 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
                     format!("Will {why}"),
                 );
             }
-            let device_allows = match &device {
-                Some(grant) => grant.allows(Access::Publish, &will.topic).await,
-                None => true,
-            };
-            if !settings.acl.allows(&subject, Access::Publish, &will.topic) || !device_allows {
+            let device = device.as_deref();
+            if !permitted(&settings, &subject, device, Access::Publish, &will.topic).await {
                 return refuse(
                     ConnAckCode::NotAuthorized,
                     "acl_publish",
@@ -947,11 +959,8 @@ impl Session {
 
     /// Whether the ACL (and client device auth, under Greengrass) allow it; counts a denial.
     async fn allowed(&self, settings: &Settings, access: Access, topic: &str) -> bool {
-        let allowed = settings.acl.allows(&self.subject(settings), access, topic)
-            && match &self.device {
-                Some(grant) => grant.allows(access, topic).await,
-                None => true,
-            };
+        let subject = self.subject(settings);
+        let allowed = permitted(settings, &subject, self.device.as_deref(), access, topic).await;
         if !allowed {
             denied(access, topic);
         }

@@ -30,10 +30,10 @@ use crate::tls::{self as pem, rustls_error};
 
 /// The files' modification times and lengths: a change in any means "reload".
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileStamp(Vec<(Option<SystemTime>, u64)>);
+struct FileStamp(Vec<(Option<SystemTime>, u64)>);
 
 impl FileStamp {
-    pub fn of(paths: &[&Path]) -> Option<Self> {
+    fn of(paths: &[PathBuf]) -> Option<Self> {
         paths
             .iter()
             .map(|p| {
@@ -42,6 +42,33 @@ impl FileStamp {
             })
             .collect::<Option<Vec<_>>>()
             .map(Self)
+    }
+}
+
+/// Watches files (certificates, keys, a password file) for changes, so they are reloaded only
+/// when they changed.
+#[derive(Debug)]
+pub struct FileWatch {
+    paths: Vec<PathBuf>,
+    last: Mutex<Option<FileStamp>>,
+}
+
+impl FileWatch {
+    /// Starts watching `paths` as they are now: call it before reading them, so a change
+    /// during the read is seen at the next check.
+    pub fn new(paths: Vec<PathBuf>) -> Self {
+        let last = Mutex::new(FileStamp::of(&paths));
+        Self { paths, last }
+    }
+
+    /// Whether the files changed since the last call (always, with `force`). Remembers what it
+    /// saw either way: a reload that fails is retried at the next change (or SIGHUP).
+    pub fn changed(&self, force: bool) -> bool {
+        let now = FileStamp::of(&self.paths);
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = force || now != *last;
+        *last = now;
+        changed
     }
 }
 
@@ -114,7 +141,8 @@ pub struct ServerTls {
     key: String,
     source: Source,
     current: RwLock<Option<Arc<ServerConfig>>>,
-    stamp: Mutex<Option<FileStamp>>,
+    /// The certificate, key and client CA files (none under client device auth).
+    watch: Option<FileWatch>,
 }
 
 impl ServerTls {
@@ -132,15 +160,15 @@ impl ServerTls {
             client_ca: tls.client_ca_file.clone(),
             required: tls.require_client_cert(),
         };
+        let mut paths = vec![tls.cert_file.clone(), tls.key_file.clone()];
+        paths.push(tls.client_ca_file.clone());
         let this = Self {
             key: key.to_string(),
             source,
             current: RwLock::new(None),
-            stamp: Mutex::new(None),
+            watch: Some(FileWatch::new(paths.into_iter().flatten().collect())),
         };
-        let (config, stamp) = this.load_files()?;
-        this.install(config);
-        *this.stamp.lock().unwrap_or_else(|e| e.into_inner()) = stamp;
+        this.install(this.load_files()?);
         Ok(this)
     }
 
@@ -150,7 +178,7 @@ impl ServerTls {
             key: key.to_string(),
             source: Source::Greengrass,
             current: RwLock::new(None),
-            stamp: Mutex::new(None),
+            watch: None,
         }
     }
 
@@ -181,7 +209,7 @@ impl ServerTls {
         matches!(self.source, Source::Greengrass)
     }
 
-    fn load_files(&self) -> anyhow::Result<(ServerConfig, Option<FileStamp>)> {
+    fn load_files(&self) -> anyhow::Result<ServerConfig> {
         let Source::Files {
             cert,
             key,
@@ -191,10 +219,6 @@ impl ServerTls {
         else {
             anyhow::bail!("{}: not file-based", self.key);
         };
-        let mut paths = vec![cert.as_path(), key.as_path()];
-        paths.extend(client_ca.as_deref());
-        // Stamped before reading: a change during the read is seen at the next check.
-        let stamp = FileStamp::of(&paths);
         let chain = pem::read_certs(cert, &format!("{}.certFile", self.key))?;
         let private = pem::read_key(key, &format!("{}.keyFile", self.key))?;
         let client_auth = match client_ca {
@@ -216,40 +240,23 @@ impl ServerTls {
             }
             None => ClientAuth::None,
         };
-        Ok((build(chain, private, &client_auth, &self.key)?, stamp))
+        build(chain, private, &client_auth, &self.key)
     }
 
     /// Reloads the files when they changed (or when `force`, on SIGHUP). Returns whether a new
     /// configuration is in use; a failed reload is logged and the old one kept.
     pub fn reload(&self, force: bool) -> bool {
-        let Source::Files {
-            cert,
-            key,
-            client_ca,
-            ..
-        } = &self.source
-        else {
-            return false;
-        };
-        let mut paths = vec![cert.as_path(), key.as_path()];
-        paths.extend(client_ca.as_deref());
-        let now = FileStamp::of(&paths);
-        {
-            let last = self.stamp.lock().unwrap_or_else(|e| e.into_inner());
-            if !force && now == *last {
-                return false;
-            }
+        match &self.watch {
+            Some(watch) if watch.changed(force) => {}
+            _ => return false,
         }
         match self.load_files() {
-            Ok((config, stamp)) => {
+            Ok(config) => {
                 self.install(config);
-                *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) = stamp;
                 tracing::info!(tls = %self.key, "Reloaded the listener's certificates.");
                 true
             }
             Err(e) => {
-                // Remember the stamp anyway: retried when the files change again (or SIGHUP).
-                *self.stamp.lock().unwrap_or_else(|e| e.into_inner()) = now;
                 tracing::error!("{e:#}; keeping the previous TLS configuration.");
                 false
             }

@@ -78,11 +78,9 @@ fn mtls_listener(pki: &Pki) -> Value {
     json!({"tls": {"certFile": cert, "keyFile": key, "clientCaFile": pki.ca(), "handshakeTimeoutMs": 1000}})
 }
 
+/// The certificates in a PEM file (the gateway's own reader).
 pub fn read_certs(path: &Path) -> Vec<CertificateDer<'static>> {
-    let pem = std::fs::read(path).unwrap();
-    rustls_pemfile::certs(&mut &pem[..])
-        .collect::<Result<_, _>>()
-        .unwrap()
+    gatehouse::tls::read_certs(path, "test").unwrap()
 }
 
 /// A rustls client config trusting the test CA, presenting `cert` (a leaf name) if given.
@@ -101,8 +99,7 @@ pub fn client_tls(pki: &Pki, cert: Option<&str>) -> Arc<rustls::ClientConfig> {
         None => builder.with_no_client_auth(),
         Some(name) => {
             let (cert, key) = pki.pair(name);
-            let pem = std::fs::read(key).unwrap();
-            let key = rustls_pemfile::private_key(&mut &pem[..]).unwrap().unwrap();
+            let key = gatehouse::tls::read_key(&key, "test").unwrap();
             builder
                 .with_client_auth_cert(read_certs(&cert), key)
                 .unwrap()
@@ -235,7 +232,7 @@ async fn mutual_tls_admits_agents_by_certificate_and_refuses_the_rest_at_the_han
         agents.contains(&("agent-2".into(), b"tls event 2".to_vec())),
         "{agents:?}"
     );
-    assert_eq!(agent.errors.load(std::sync::atomic::Ordering::SeqCst), 0);
+    agent.assert_never_disconnected("agent-1");
     agent.disconnect().await;
     gw.assert_alive();
     assert!(gw.stop().await.success());
@@ -261,12 +258,7 @@ async fn an_agent_cannot_take_over_another_agents_session() {
         )
         .await
         .unwrap();
-    assert_eq!(
-        victim.errors.load(std::sync::atomic::Ordering::SeqCst),
-        0,
-        "the victim was disconnected: {:?}",
-        victim.last_error.lock().unwrap()
-    );
+    victim.assert_never_disconnected("the victim");
     // An empty client id gets the identity.
     connect_outcome(tls_options(&pki, gw.port, "", Some("agent-2")))
         .await
@@ -601,12 +593,7 @@ async fn certificates_rotate_on_disk_without_dropping_connected_agents() {
         )
         .await
         .unwrap();
-    assert_eq!(
-        agent.errors.load(std::sync::atomic::Ordering::SeqCst),
-        0,
-        "the connected agent was dropped: {:?}",
-        agent.last_error.lock().unwrap()
-    );
+    agent.assert_never_disconnected("the agent connected before the rotation");
     gw.wait_for_payloads(&[b"after rotation".to_vec()], Duration::from_secs(15))
         .await;
     agent.disconnect().await;

@@ -685,6 +685,16 @@ impl AckedPublisher {
         }
     }
 
+    /// Panics if the event loop ever saw a connection error (`who` names the agent).
+    pub fn assert_never_disconnected(&self, who: &str) {
+        assert_eq!(
+            self.errors.load(Ordering::SeqCst),
+            0,
+            "{who} was disconnected: {:?}",
+            self.last_error.lock().unwrap()
+        );
+    }
+
     pub async fn disconnect(self) {
         let _ = self.client.disconnect().await;
         tokio::time::sleep(Duration::from_millis(50)).await;
