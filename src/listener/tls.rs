@@ -204,11 +204,6 @@ impl ServerTls {
             .clone()
     }
 
-    /// Whether agents' certificates are checked by the nucleus (client device auth).
-    pub fn by_greengrass(&self) -> bool {
-        matches!(self.source, Source::Greengrass)
-    }
-
     fn load_files(&self) -> anyhow::Result<ServerConfig> {
         let Source::Files {
             cert,
