@@ -297,6 +297,7 @@ pub fn read_connect(
     if buf[0] >> 4 != 1 {
         return Err(ConnectError::NotConnect);
     }
+    check_header_flags(buf[0]).map_err(ConnectError::Read)?;
     if header_len + remaining > max_packet_size {
         return Err(ConnectError::Read(ReadError::TooLarge {
             size: header_len + remaining,
@@ -411,10 +412,41 @@ pub fn read(
     if buf.len() < header_len + remaining {
         return Ok(None);
     }
-    match protocol {
-        Protocol::V311 => read_v4(buf, max_packet_size).map(Some),
-        Protocol::V5 => read_v5(buf, max_packet_size).map(Some),
+    check_header_flags(buf[0])?;
+    let packet = match protocol {
+        Protocol::V311 => read_v4(buf, max_packet_size)?,
+        Protocol::V5 => read_v5(buf, max_packet_size)?,
+    };
+    match &packet {
+        Inbound::Subscribe { filters, .. } if filters.is_empty() => Err(ReadError::Malformed(
+            "SUBSCRIBE without a topic filter".into(),
+        )),
+        Inbound::Unsubscribe { filters, .. } if filters.is_empty() => Err(ReadError::Malformed(
+            "UNSUBSCRIBE without a topic filter".into(),
+        )),
+        _ => Ok(Some(packet)),
     }
+}
+
+/// Checks the fixed header's flag bits, which the spec reserves (both versions, section
+/// 2.1.3): 0010 for PUBREL, SUBSCRIBE and UNSUBSCRIBE, 0000 for the others but PUBLISH, whose
+/// QoS may not be 3.
+fn check_header_flags(first: u8) -> Result<(), ReadError> {
+    let (kind, flags) = (first >> 4, first & 0x0f);
+    let expected = match kind {
+        3 if (flags >> 1) & 0b11 == 0b11 => {
+            return Err(ReadError::Malformed("PUBLISH with QoS 3".into()));
+        }
+        3 => return Ok(()),
+        6 | 8 | 10 => 0b0010,
+        _ => 0b0000,
+    };
+    if flags != expected {
+        return Err(ReadError::Malformed(format!(
+            "packet type {kind} with reserved flag bits {flags:04b} (must be {expected:04b})"
+        )));
+    }
+    Ok(())
 }
 
 fn read_v4(buf: &mut BytesMut, max: usize) -> Result<Inbound, ReadError> {

@@ -489,6 +489,15 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
                         "no client certificate".into(),
                     );
                 };
+                // Client device auth names a device by its client id (the thing name): there is
+                // nothing to assign one from.
+                if request.client_id.is_empty() {
+                    return refuse(
+                        ConnAckCode::ClientIdRejected,
+                        "empty_client_id",
+                        "an empty client id under client device auth".into(),
+                    );
+                }
                 match devices.admit(&request.client_id, cert).await {
                     Ok(grant) => {
                         device = Some(grant);
@@ -717,6 +726,10 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
         {
             session.send_delivery(self, delivery);
         }
+        // Packets that came in the same read as the CONNECT.
+        if let Some(close) = self.handle_buffered(session).await {
+            return close;
+        }
         let mut last_heard = Instant::now();
         loop {
             let flushed = tokio::select! {
@@ -776,19 +789,9 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
                 Event::Read(Err(e)) => return Close::Dropped(e.to_string()),
                 Event::Read(Ok(_)) => {
                     last_heard = Instant::now();
-                    loop {
-                        let max_packet = self.max_packet();
-                        let packet =
-                            match codec::read(self.protocol, &mut self.read_buf, max_packet) {
-                                Ok(Some(packet)) => packet,
-                                Ok(None) => break,
-                                Err(e) => return refused_for(&e),
-                            };
-                        if let Some(close) = Box::pin(session.handle(self, packet)).await {
-                            return close;
-                        }
+                    if let Some(close) = self.handle_buffered(session).await {
+                        return close;
                     }
-                    release_if_empty(&mut self.read_buf);
                 }
                 Event::Deliver(delivery) => session.send_delivery(self, delivery),
                 Event::Takeover(handover) => return Close::TakenOver(handover),
@@ -801,6 +804,23 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
                 Event::Shutdown => return Close::Shutdown,
             }
         }
+    }
+
+    /// Handles every whole packet in the read buffer, keeping a partial one for the next read.
+    async fn handle_buffered(&mut self, session: &mut Session) -> Option<Close> {
+        loop {
+            let max_packet = self.max_packet();
+            let packet = match codec::read(self.protocol, &mut self.read_buf, max_packet) {
+                Ok(Some(packet)) => packet,
+                Ok(None) => break,
+                Err(e) => return Some(refused_for(&e)),
+            };
+            if let Some(close) = Box::pin(session.handle(self, packet)).await {
+                return Some(close);
+            }
+        }
+        release_if_empty(&mut self.read_buf);
+        None
     }
 
     /// Acknowledges what is still pending (bounded wait), tells an MQTT 5 agent why, and closes.
@@ -900,6 +920,18 @@ impl Session {
         match packet {
             Inbound::Publish(publish) => return self.publish(conn, publish).await,
             Inbound::PubRel(pkid) => {
+                // A PUBREL before its PUBREC breaks the QoS 2 exchange: taken as a release, the
+                // packet id would then be marked journaled once the commit lands, and the
+                // agent's next message with that id acknowledged without being stored.
+                let committing = |p: &PendingAck| {
+                    p.qos == 2 && p.pkid == pkid && matches!(p.commit, Commit::Waiting(_))
+                };
+                if self.pending.iter().any(committing) {
+                    return Some(Close::Refused(
+                        DisconnectReason::ProtocolError,
+                        format!("PUBREL for packet id {pkid} before its PUBREC"),
+                    ));
+                }
                 self.state.awaiting_rel.remove(&pkid);
                 conn.send(Outbound::PubComp { pkid });
             }

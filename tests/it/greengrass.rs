@@ -647,6 +647,10 @@ async fn client_device_auth_admits_and_authorizes_agents_per_the_nucleus() {
         );
     }
 
+    // An empty client id: there is no thing name to ask client device auth about.
+    let outcome = connect_outcome(tls_options(&pki, port, "", Some("device-1"))).await;
+    assert_eq!(outcome, Err("CONNACK BadClientId".to_string()));
+
     // A rotated server certificate is served to new connections; the agent stays connected.
     let (rotated, rotated_key) = pki.issue(
         "core-2",

@@ -4,7 +4,9 @@
 //! normal DISCONNECT in any of its valid encodings); a second connection with the same client
 //! id takes the session over (MQTT 5: DISCONNECT 0x8E); keep-alive closes silent connections
 //! (0x8D) and spares pinging ones; a message larger than one upstream batch is acknowledged and
-//! delivered in fragments (both versions); a QoS 2 re-send before PUBREL is journaled once; SIGTERM acknowledges, flushes and
+//! delivered in fragments (both versions); a QoS 2 re-send before PUBREL is journaled once, and
+//! a PUBREL before its PUBREC closes the connection without losing the next message; packets
+//! sent in the same write as the CONNECT are handled at once; SIGTERM acknowledges, flushes and
 //! exits 0 with every PUBACKed message in the outbox; after `kill -9` the journal is resumed
 //! at start-up without any new traffic (the first run holds batches back with a 10-minute
 //! maxDelayMs, the restart uses 200 ms).
@@ -509,6 +511,77 @@ async fn qos2_resend_before_pubrel_is_journaled_once() {
              dedup disabled), found {n} times",
             show(p)
         );
+    }
+}
+
+/// PUBLISH QoS 2 and its PUBREL in one write, before the PUBREC: the gateway must not take it
+/// as a release. (Taken as one, the packet id was marked journaled when the commit landed, and
+/// the agent's next QoS 2 message with that id was acknowledged without being stored.)
+async fn pubrel_before_pubrec(port: u16, v: u8) -> Result<Vec<Vec<u8>>, String> {
+    let client = format!("early-pubrel-v{v}");
+    let topic = format!("agents/{client}/telemetry");
+    let first = format!("v{v}: PUBREL came before PUBREC").into_bytes();
+    let second = format!("v{v}: next message reusing pkid 9").into_bytes();
+    let mut r = RawMqtt::connect(port, &RawConnect::new(v, &client)).await?;
+    let mut both = raw_publish(v, &topic, 2, 9, false, &first);
+    both.extend(raw_pubrel(9));
+    r.send(&both).await?;
+    let got = r.until_closed(CLOSE_TIMEOUT).await?;
+    if v == 5
+        && !got
+            .iter()
+            .any(|(f, b)| *f == 0xE0 && b.first() == Some(&0x82))
+    {
+        return Err(format!(
+            "v5: expected DISCONNECT 0x82 (protocol error), got {}",
+            describe_packets(&got)
+        ));
+    }
+    // The same (clean) session id reconnects and reuses the packet id: a new message.
+    let mut r = RawMqtt::connect(port, &RawConnect::new(v, &client)).await?;
+    r.send(&raw_publish(v, &topic, 2, 9, false, &second))
+        .await?;
+    let (f, b) = r.expect_packet("PUBREC", ACK_TIMEOUT).await?;
+    if f != 0x50 || b[..2] != [0, 9] {
+        return Err(format!("expected PUBREC 9, got {}", describe_packet(f, &b)));
+    }
+    r.send(&raw_pubrel(9)).await?;
+    r.expect_packet("PUBCOMP", ACK_TIMEOUT).await?;
+    Ok(vec![first, second])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubrel_before_pubrec_closes_the_connection_and_loses_nothing() {
+    let gw = Gateway::start_with(|c| c["journal"]["dedupWindowSecs"] = json!(0)).await;
+    for v in [4, 5] {
+        let payloads = pubrel_before_pubrec(gw.port, v).await.unwrap();
+        gw.wait_for_payloads(&payloads, OUTBOX_TIMEOUT).await;
+    }
+}
+
+/// Packets sent in the same write as the CONNECT are handled at once, not when more bytes come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_that_came_with_the_connect_are_handled_at_once() {
+    let gw = Gateway::start().await;
+    for v in [4, 5] {
+        let client = format!("eager-v{v}");
+        let topic = format!("agents/{client}/telemetry");
+        let payload = format!("v{v}: sent with the CONNECT").into_bytes();
+        let mut r = RawMqtt::open(gw.port).await.unwrap();
+        let mut bytes = RawConnect::new(v, &client).bytes();
+        bytes.extend(raw_publish(v, &topic, 1, 3, false, &payload));
+        r.send(&bytes).await.unwrap();
+        let mut got = Vec::new();
+        for what in ["CONNACK", "PUBACK"] {
+            got.push(
+                r.expect_packet(what, ACK_TIMEOUT)
+                    .await
+                    .unwrap_or_else(|e| panic!("v{v}: {e}; before it: {}", describe_packets(&got))),
+            );
+        }
+        let firsts: Vec<u8> = got.iter().map(|(f, _)| *f).collect();
+        assert_eq!(firsts, [0x20, 0x40], "v{v}: {}", describe_packets(&got));
+        gw.wait_for_payloads(&[payload], OUTBOX_TIMEOUT).await;
     }
 }
 

@@ -184,3 +184,53 @@ fn mqtt5_refusal_carries_a_reason_code_and_string() {
         other => panic!("unexpected {other:?}"),
     }
 }
+
+#[test]
+fn reserved_header_flags_and_empty_filter_lists_are_malformed() {
+    let framed = |first: u8, body: &[u8]| {
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&[first, body.len() as u8]);
+        buf.extend_from_slice(body);
+        buf
+    };
+    for protocol in [Protocol::V311, Protocol::V5] {
+        let props: &[u8] = if protocol == Protocol::V5 { &[0] } else { &[] };
+        // PUBACK with a flag bit set; PUBREL, SUBSCRIBE, UNSUBSCRIBE without bit 1.
+        for first in [0x41u8, 0x60, 0x80, 0xA0, 0xC1, 0xE2] {
+            let mut buf = framed(first, &[0, 1]);
+            assert!(
+                matches!(read(protocol, &mut buf, 1024), Err(ReadError::Malformed(_))),
+                "{protocol}: first byte {first:#04x} must be malformed"
+            );
+        }
+        // PUBLISH with QoS 3.
+        let mut buf = framed(0x36, &[0, 1, b'a', 0, 1]);
+        assert!(matches!(
+            read(protocol, &mut buf, 1024),
+            Err(ReadError::Malformed(_))
+        ));
+        // SUBSCRIBE and UNSUBSCRIBE with a packet id and no filter.
+        for first in [0x82u8, 0xA2] {
+            let mut body = vec![0, 1];
+            body.extend_from_slice(props);
+            let mut buf = framed(first, &body);
+            assert!(
+                matches!(read(protocol, &mut buf, 1024), Err(ReadError::Malformed(_))),
+                "{protocol}: {first:#04x} without a filter must be malformed"
+            );
+        }
+        // The valid forms still pass.
+        let mut buf = framed(0x62, &[0, 1]);
+        assert!(matches!(
+            read(protocol, &mut buf, 1024),
+            Ok(Some(Inbound::PubRel(1)))
+        ));
+    }
+    // A CONNECT with reserved flags set.
+    let mut buf = v4_connect("agent-1", true);
+    buf[0] = 0x11;
+    assert!(matches!(
+        read_connect(&mut buf, 1024),
+        Err(ConnectError::Read(ReadError::Malformed(_)))
+    ));
+}
