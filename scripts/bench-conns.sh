@@ -4,9 +4,11 @@
 #
 #   scripts/bench-conns.sh [N]      # N idle connections per server (default 10000)
 #
-# For each server: start it, read its VmRSS, open N connections with scripts/idle-conns.py
-# (CONNECT + CONNACK, then idle), wait until RSS settles, read VmRSS again; per connection =
-# (after - before) / N. Prints one RESULT line per server and a summary table.
+# For each server: start it, read its VmRSS, open N connections with gatehouse-idle
+# (src/bin/gatehouse-idle.rs: CONNECT + CONNACK, then idle; 64 set-ups at once), wait until RSS
+# settles, read VmRSS again; per connection = (after - before) / N. Prints one RESULT line per
+# server and a summary table. SERVERS="gatehouse-plain gatehouse-tls" limits the run to those.
+# N is bounded by the open-files limit (each side holds N sockets).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/bench-lib.sh
@@ -20,7 +22,7 @@ fi
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || { echo "needs mosquitto" >&2; exit 1; }
 MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 
-cargo build --release --quiet --bin gatehouse
+cargo build --release --quiet --bin gatehouse --bin gatehouse-idle
 GATEHOUSE=target/release/gatehouse
 WORK=$(mktemp -d /tmp/gatehouse-bench-conns.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
@@ -58,7 +60,7 @@ measure() { # NAME PID PORT [tls]
     before=$(rss_kb "$pid")
     local args=(--port "$port" -n "$N")
     [ -n "$tls" ] && args+=(--cafile "$WORK/ca.pem" --cert "$WORK/client.pem" --key "$WORK/client.key")
-    python3 scripts/idle-conns.py "${args[@]}" > "$WORK/$name.client" &
+    target/release/gatehouse-idle --sources 4 "${args[@]}" > "$WORK/$name.client" 2>&1 &
     client=$!
     for _ in $(seq 600); do
         grep -q READY "$WORK/$name.client" 2>/dev/null && break
@@ -111,14 +113,20 @@ broker() { # NAME tls?
     kill "$pid"; wait "$pid" 2>/dev/null || true
 }
 
+SERVERS="${SERVERS:-mosquitto-plain gatehouse-plain mosquitto-tls gatehouse-tls}"
 echo "# $N idle connections per server; $(nproc) cores; $(uname -r); mosquitto $("$MOSQUITTO" -h | head -1 | awk '{print $3}')"
-broker mosquitto-plain
-gateway gatehouse-plain
-broker mosquitto-tls tls
-gateway gatehouse-tls tls
+for server in $SERVERS; do
+    case $server in
+        mosquitto-plain) broker mosquitto-plain ;;
+        gatehouse-plain) gateway gatehouse-plain ;;
+        mosquitto-tls) broker mosquitto-tls tls ;;
+        gatehouse-tls) gateway gatehouse-tls tls ;;
+        *) echo "unknown server $server" >&2; exit 1 ;;
+    esac
+done
 
 printf '\n| transport | mosquitto B/conn | gatehouse B/conn | ratio |\n|---|---|---|---|\n'
 for t in plain tls; do
-    m=${PER[mosquitto-$t]}; g=${PER[gatehouse-$t]}
+    m=${PER[mosquitto-$t]:-0}; g=${PER[gatehouse-$t]:-0}
     printf '| %s | %s | %s | %s |\n' "$t" "$m" "$g" "$(python3 -c "print(f'{$g/max($m,1):.2f}x')")"
 done

@@ -44,7 +44,6 @@ use crate::telemetry;
 
 pub use acl::Access;
 pub use registry::{DeliverError, Delivery, Registry};
-pub use session::serve_mqtt;
 
 /// How often certificate and password files are checked for changes.
 const RELOAD_CHECK: Duration = Duration::from_secs(5);
@@ -300,18 +299,16 @@ impl Listener {
                             }
                             continue;
                         };
-                        let session = session::serve(
+                        session::spawn(
+                            &mut sessions,
                             stream,
                             peer,
                             settings.clone(),
                             journal.clone(),
                             registry.clone(),
                             shutdown.clone(),
+                            permit,
                         );
-                        sessions.spawn(async move {
-                            session.await;
-                            drop(permit);
-                        });
                     }
                     Err(e) => {
                         metrics::counter!(telemetry::REFUSALS, "reason" => "accept_error").increment(1);

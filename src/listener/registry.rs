@@ -193,10 +193,10 @@ impl Default for Registry {
     }
 }
 
-/// What a newly registered connection gets.
+/// What a newly registered connection keeps for its lifetime (its session state comes
+/// separately from `register`, so that it is not held twice).
 pub struct Registration {
     pub conn_id: u64,
-    pub state: SessionState,
     pub session_present: bool,
     pub takeover: oneshot::Receiver<Takeover>,
     pub deliveries: Deliveries,
@@ -223,8 +223,13 @@ impl Registry {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a connection for `client_id`, taking over any live one first.
-    pub async fn register(&self, client_id: &str, clean_start: bool) -> Registration {
+    /// Registers a connection for `client_id`, taking over any live one first; returns the
+    /// registration and the session state to resume.
+    pub async fn register(
+        &self,
+        client_id: &str,
+        clean_start: bool,
+    ) -> (Registration, SessionState) {
         let (takeover_tx, takeover_rx) = oneshot::channel();
         let deliveries = Arc::new(DeliveryQueue::default());
         let (conn_id, previous) = {
@@ -265,13 +270,13 @@ impl Registry {
         } else {
             previous_state.unwrap_or_default()
         };
-        Registration {
+        let registration = Registration {
             conn_id,
-            state,
             session_present,
             takeover: takeover_rx,
             deliveries: Deliveries(deliveries),
-        }
+        };
+        (registration, state)
     }
 
     /// Called when a connection ends. Keeps `state` for `lifetime` (a persistent session),
@@ -327,7 +332,7 @@ mod tests {
     }
 
     async fn connect_and_leave(registry: &Registry, id: &str, lifetime: Duration) {
-        let registration = registry.register(id, false).await;
+        let (registration, _) = registry.register(id, false).await;
         registry.unregister(
             id,
             registration.conn_id,
@@ -343,8 +348,8 @@ mod tests {
         }
         assert_eq!(registry.stored_sessions(), 3);
         // "a" and "b" expired soonest: gone. "e" is still there.
-        assert!(!registry.register("a", false).await.session_present);
-        assert!(registry.register("e", false).await.session_present);
+        assert!(!registry.register("a", false).await.0.session_present);
+        assert!(registry.register("e", false).await.0.session_present);
     }
 
     #[tokio::test(start_paused = true)]
@@ -353,8 +358,8 @@ mod tests {
         connect_and_leave(&registry, "short", Duration::from_secs(10)).await;
         connect_and_leave(&registry, "long", Duration::from_secs(1000)).await;
         tokio::time::advance(Duration::from_secs(11)).await;
-        assert!(!registry.register("short", false).await.session_present);
-        assert!(registry.register("long", false).await.session_present);
+        assert!(!registry.register("short", false).await.0.session_present);
+        assert!(registry.register("long", false).await.0.session_present);
     }
 
     #[test]

@@ -20,9 +20,10 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rustls::pki_types::CertificateDer;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -110,28 +111,36 @@ enum Close {
     Shutdown,
 }
 
-/// Serves one accepted TCP connection to its end: the TLS handshake (on a TLS listener), then
-/// MQTT. Never panics on network input.
-pub async fn serve(
+/// Spawns the task that serves one accepted TCP connection to its end: the TLS handshake (on a
+/// TLS listener), then MQTT. `slot` (a `maxConnections` permit) is held until it ends. Never
+/// panics on network input.
+///
+/// The task is `serve_mqtt` or `serve_tls` itself, not an async fn around them: every layer of
+/// async fn keeps its arguments (and their moved copies) for the whole session, which is what
+/// an idle agent costs.
+#[allow(clippy::too_many_arguments)]
+pub fn spawn(
+    sessions: &mut JoinSet<()>,
     stream: TcpStream,
     peer: SocketAddr,
     settings: Arc<Settings>,
     journal: Journal,
     registry: Arc<Registry>,
     shutdown: Shutdown,
+    slot: OwnedSemaphorePermit,
 ) {
     let _ = stream.set_nodelay(true);
-    let Some(tls) = settings.tls.clone() else {
-        return serve_mqtt(stream, None, peer, settings, journal, registry, shutdown).await;
+    match settings.tls.clone() {
+        None => sessions.spawn(serve_mqtt(
+            stream, None, peer, settings, journal, registry, shutdown, slot,
+        )),
+        Some(tls) => sessions.spawn(serve_tls(
+            stream, tls, peer, settings, journal, registry, shutdown, slot,
+        )),
     };
-    // A TLS connection's future is larger (the handshake, the TLS stream): boxed, so that a
-    // plain connection's task does not carry room for it.
-    Box::pin(serve_tls(
-        stream, tls, peer, settings, journal, registry, shutdown,
-    ))
-    .await
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_tls(
     stream: TcpStream,
     tls: Arc<super::tls::ServerTls>,
@@ -140,6 +149,7 @@ async fn serve_tls(
     journal: Journal,
     registry: Arc<Registry>,
     shutdown: Shutdown,
+    slot: OwnedSemaphorePermit,
 ) {
     let Some(config) = tls.config() else {
         refused_handshake(
@@ -157,7 +167,10 @@ async fn serve_tls(
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .map(|cert| cert.clone().into_owned());
-            serve_mqtt(stream, cert, peer, settings, journal, registry, shutdown).await
+            serve_mqtt(
+                stream, cert, peer, settings, journal, registry, shutdown, slot,
+            )
+            .await
         }
         Ok(Err(e)) => refused_handshake(peer, &super::tls::describe_handshake_error(&e)),
         Err(_) => refused_handshake(
@@ -234,7 +247,8 @@ fn refused_handshake(peer: SocketAddr, why: &str) {
 }
 
 /// Serves MQTT on an established stream; `cert` is the agent's verified client certificate.
-pub async fn serve_mqtt<S: AsyncRead + AsyncWrite + Send + 'static>(
+#[allow(clippy::too_many_arguments)]
+async fn serve_mqtt<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     stream: S,
     cert: Option<CertificateDer<'static>>,
     peer: SocketAddr,
@@ -242,11 +256,12 @@ pub async fn serve_mqtt<S: AsyncRead + AsyncWrite + Send + 'static>(
     journal: Journal,
     registry: Arc<Registry>,
     shutdown: Shutdown,
+    _slot: OwnedSemaphorePermit,
 ) {
-    let (reader, writer) = tokio::io::split(stream);
+    // One stream, not split halves: reads and writes never wait at the same time (the event
+    // loop flushes, then waits to read), and a split costs a shared allocation per agent.
     let mut conn = Connection {
-        reader,
-        writer,
+        stream,
         read_buf: BytesMut::new(),
         write_buf: BytesMut::new(),
         protocol: Protocol::V311,
@@ -255,15 +270,19 @@ pub async fn serve_mqtt<S: AsyncRead + AsyncWrite + Send + 'static>(
     };
     // The one-off phases (here and in `run_session`) are boxed: a future holds room for its
     // largest state, and an idle connection should not carry the CONNECT's or admission's.
+    // Boxed, so that the task keeps no room for it once it is dropped.
     let mut request = match Box::pin(conn.read_connect()).await {
-        Ok(request) => request,
+        Ok(request) => Box::new(request),
         Err(why) => {
             tracing::debug!(%peer, reason = %why, "Connection closed before session start.");
             return;
         }
     };
     conn.protocol = request.protocol;
-    let admitted = match Box::pin(conn.admit(&mut request, cert.as_ref())).await {
+    let admitted = Box::pin(conn.admit(&mut request, cert.as_ref())).await;
+    // The certificate was needed only to admit the agent: not held for the session.
+    drop(cert);
+    let admitted = match admitted {
         Ok(admitted) => admitted,
         Err((code, why)) => {
             static LOG: telemetry::Throttle = telemetry::Throttle::new(1_000);
@@ -281,14 +300,13 @@ pub async fn serve_mqtt<S: AsyncRead + AsyncWrite + Send + 'static>(
         }
     };
     let span = tracing::info_span!("agent", client_id = %request.client_id, %peer);
-    conn.run_session(request, admitted, peer, registry, shutdown)
+    conn.run_session(request, admitted, peer, &registry, shutdown)
         .instrument(span)
         .await;
 }
 
 struct Connection<S> {
-    reader: ReadHalf<S>,
-    writer: WriteHalf<S>,
+    stream: S,
     read_buf: BytesMut,
     write_buf: BytesMut,
     protocol: Protocol,
@@ -296,7 +314,7 @@ struct Connection<S> {
     journal: Journal,
 }
 
-impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
     fn max_packet(&self) -> usize {
         self.settings.max_packet_size
     }
@@ -323,7 +341,7 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
             let limit = deadline.map_or(Instant::now() + timeout, |d| {
                 d.min(Instant::now() + timeout)
             });
-            match tokio::time::timeout_at(limit, self.writer.write_buf(&mut self.write_buf)).await {
+            match tokio::time::timeout_at(limit, self.stream.write_buf(&mut self.write_buf)).await {
                 Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(e),
@@ -354,7 +372,7 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
                 Ok(None) => {}
                 Err(e) => break Err(e),
             }
-            match tokio::time::timeout_at(deadline, read_some(&mut self.reader, &mut self.read_buf))
+            match tokio::time::timeout_at(deadline, read_some(&mut self.stream, &mut self.read_buf))
                 .await
             {
                 Err(_) => {
@@ -424,7 +442,7 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
                 .flush_by(Some(Instant::now() + CLOSE_WRITE_GRACE))
                 .await;
         }
-        let _ = tokio::time::timeout(CLOSE_WRITE_GRACE, self.writer.shutdown()).await;
+        let _ = tokio::time::timeout(CLOSE_WRITE_GRACE, self.stream.shutdown()).await;
     }
 
     /// Authenticates the agent and applies the client-id binding: returns who it is, or the
@@ -560,16 +578,23 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
         Ok(Admitted { identity, device })
     }
 
+    /// The session from CONNACK to its end. Its arguments are small or boxed: an async fn's
+    /// arguments stay in its future for the whole session, next to their moved copies.
     async fn run_session(
-        mut self,
-        request: ConnectRequest,
+        &mut self,
+        mut request: Box<ConnectRequest>,
         admitted: Admitted,
         peer: SocketAddr,
-        registry: Arc<Registry>,
+        registry: &Registry,
         mut shutdown: Shutdown,
     ) {
         let client_id = request.client_id.clone();
-        let mut registration = Box::pin(registry.register(&client_id, request.clean_start)).await;
+        let (protocol, clean_start, session_expiry_secs) = (
+            request.protocol,
+            request.clean_start,
+            request.session_expiry_secs,
+        );
+        let (mut registration, state) = Box::pin(registry.register(&client_id, clean_start)).await;
         metrics::counter!(telemetry::CONNECTIONS_TOTAL).increment(1);
         metrics::gauge!(telemetry::CONNECTIONS).increment(1.0);
         telemetry::PROGRESS
@@ -599,9 +624,9 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
                 self.settings.publish_burst,
                 Instant::now(),
             ),
-            state: std::mem::take(&mut registration.state),
+            state,
             pending: VecDeque::new(),
-            will: request.will.clone(),
+            will: request.will.take().map(Box::new),
             outbound: HashMap::new(),
             next_pkid: 1,
             max_packet_out: request.max_packet_size.map_or(usize::MAX, |m| m as usize),
@@ -614,6 +639,8 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
             0 => None,
             secs => Some(Duration::from_millis(secs as u64 * 1500)),
         };
+        // Only what the end of the session needs is kept across it.
+        drop(request);
         let close = self
             .event_loop(&mut session, &mut registration, keep_alive, &mut shutdown)
             .await;
@@ -693,11 +720,11 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
         } else {
             // 3.1.1: clean session 0 keeps the session. MQTT 5: a non-zero Session Expiry
             // Interval does, whatever Clean Start said (absent means it ends with the connection).
-            let keep = match request.protocol {
-                Protocol::V311 => !request.clean_start,
-                Protocol::V5 => request.session_expiry_secs.is_some_and(|secs| secs > 0),
+            let keep = match protocol {
+                Protocol::V311 => !clean_start,
+                Protocol::V5 => session_expiry_secs.is_some_and(|secs| secs > 0),
             };
-            let lifetime = registry.session_lifetime(request.session_expiry_secs);
+            let lifetime = registry.session_lifetime(session_expiry_secs);
             registry.unregister(
                 &client_id,
                 registration.conn_id,
@@ -705,7 +732,7 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
             );
         }
         if let Some(will) = will {
-            Box::pin(self.journal_will(&session.identity, will)).await;
+            Box::pin(self.journal_will(&session.identity, *will)).await;
         }
         metrics::gauge!(telemetry::CONNECTIONS).decrement(1.0);
         telemetry::PROGRESS
@@ -748,12 +775,20 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
                 session.pending.len() < self.settings.max_inflight && throttled.is_zero();
             let can_deliver = session.outbound.len() < session.window;
             let expires = keep_alive.map(|ka| last_heard + ka);
+            // One timer for both (a future keeps room for every branch of a select): the
+            // keep-alive deadline, or sooner the end of a publish-rate wait.
+            let now = Instant::now();
+            let wake = match (throttled.is_zero(), expires) {
+                (true, expires) => expires,
+                (false, Some(expires)) => Some(expires.min(now + throttled)),
+                (false, None) => Some(now + throttled),
+            };
             enum Event {
                 Committed(Outcome),
                 Read(std::io::Result<usize>),
                 Deliver(Delivery),
                 Takeover(Takeover),
-                KeepAliveExpired,
+                Timer,
                 Shutdown,
             }
             let event = tokio::select! {
@@ -761,14 +796,9 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
                 result = next_commit(&mut session.pending), if !session.pending.is_empty() => Event::Committed(result),
                 _ = shutdown.wait() => Event::Shutdown,
                 Ok(handover) = &mut registration.takeover => Event::Takeover(handover),
-                result = read_some(&mut self.reader, &mut self.read_buf), if can_read => Event::Read(result),
+                result = read_some(&mut self.stream, &mut self.read_buf), if can_read => Event::Read(result),
                 delivery = registration.deliveries.recv(), if can_deliver => Event::Deliver(delivery),
-                _ = sleep_until_opt(expires) => Event::KeepAliveExpired,
-                // Over its publish rate: read again once back under it.
-                _ = tokio::time::sleep(throttled), if !throttled.is_zero() => {
-                    metrics::counter!(telemetry::THROTTLED, "what" => "publishes").increment(1);
-                    continue;
-                }
+                _ = sleep_until_opt(wake) => Event::Timer,
             };
             match event {
                 Event::Committed(result) => {
@@ -795,11 +825,15 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
                 }
                 Event::Deliver(delivery) => session.send_delivery(self, delivery),
                 Event::Takeover(handover) => return Close::TakenOver(handover),
-                Event::KeepAliveExpired => {
+                Event::Timer if expires.is_some_and(|at| at <= Instant::now()) => {
                     return Close::Refused(
                         DisconnectReason::KeepAliveTimeout,
                         "nothing heard within 1.5 x keep-alive".into(),
                     );
+                }
+                // Over its publish rate: read again now that it is back under it.
+                Event::Timer => {
+                    metrics::counter!(telemetry::THROTTLED, "what" => "publishes").increment(1);
                 }
                 Event::Shutdown => return Close::Shutdown,
             }
@@ -853,7 +887,7 @@ impl<S: AsyncRead + AsyncWrite + Send> Connection<S> {
                 self.send(Outbound::Disconnect(reason));
             }
             if self.flush_by(Some(deadline)).await.is_ok() {
-                let _ = tokio::time::timeout_at(deadline, self.writer.shutdown()).await;
+                let _ = tokio::time::timeout_at(deadline, self.stream.shutdown()).await;
             }
         }
         close
@@ -894,7 +928,8 @@ struct Session {
     publish_rate: TokenBucket,
     state: SessionState,
     pending: VecDeque<PendingAck>,
-    will: Option<codec::Will>,
+    /// Boxed: most agents set none, and an idle session should not carry room for one.
+    will: Option<Box<codec::Will>>,
     /// Outbound QoS 1 deliveries awaiting the agent's PUBACK, by packet id.
     outbound: HashMap<u16, Delivery>,
     next_pkid: u16,
@@ -912,7 +947,7 @@ impl Session {
         }
     }
 
-    async fn handle<S: AsyncRead + AsyncWrite + Send>(
+    async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send>(
         &mut self,
         conn: &mut Connection<S>,
         packet: Inbound,
@@ -999,7 +1034,7 @@ impl Session {
         allowed
     }
 
-    async fn publish<S: AsyncRead + AsyncWrite + Send>(
+    async fn publish<S: AsyncRead + AsyncWrite + Unpin + Send>(
         &mut self,
         conn: &mut Connection<S>,
         publish: InPublish,
@@ -1117,7 +1152,7 @@ impl Session {
     /// Sends the acknowledgement for an outcome. Returns a close when the outcome leaves no way
     /// to answer the agent but to disconnect (MQTT 3.1.1 on a journal failure). A QoS 2
     /// message's packet id is remembered as journaled only once it is (`Outcome::Stored`).
-    fn acknowledge<S: AsyncRead + AsyncWrite + Send>(
+    fn acknowledge<S: AsyncRead + AsyncWrite + Unpin + Send>(
         &mut self,
         conn: &mut Connection<S>,
         pending: PendingAck,
@@ -1163,7 +1198,7 @@ impl Session {
         None
     }
 
-    fn send_delivery<S: AsyncRead + AsyncWrite + Send>(
+    fn send_delivery<S: AsyncRead + AsyncWrite + Unpin + Send>(
         &mut self,
         conn: &mut Connection<S>,
         delivery: Delivery,
