@@ -1,5 +1,5 @@
-//! The `gatehouse` command: run the gateway, check a config, decode batch payloads, or see and
-//! resend dead-lettered records.
+//! The `gatehouse` command: run the gateway, check a config, decode batch payloads, see and
+//! resend dead-lettered records, hash passwords, or write development certificates.
 //!
 //! Kept thin: argument parsing, logging set-up, config loading, signals and exit codes. The
 //! subcommands other than `run` live in `cli/`.
@@ -65,6 +65,25 @@ enum Command {
         /// Print a whole `USER:HASH` line for the password file.
         user: Option<String>,
     },
+    /// Write a CA, a server certificate and agent certificates into DIR, for trying the
+    /// gateway out with mutual TLS (not for production).
+    DevCerts {
+        /// Directory to write into (created if missing).
+        dir: PathBuf,
+        /// How many agent certificates: agent-1 ... agent-N (CN = the agent id).
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        agents: u32,
+        /// Another DNS name or IP address for the server certificate, besides localhost and
+        /// 127.0.0.1 (repeatable).
+        #[arg(long = "server-name", value_name = "NAME")]
+        server_names: Vec<String>,
+        /// Validity in days.
+        #[arg(long, value_name = "D", default_value_t = 365)]
+        days: u32,
+        /// Replace existing files (without it, nothing is written if any exists).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -79,6 +98,19 @@ fn main() -> ExitCode {
         } => cli::decode::run(&paths, cli::decode::Options { header, fragments }),
         Command::DeadLetter { action } => cli::dead_letter::run(action),
         Command::PasswordHash { user } => cli::password::run(user.as_deref()),
+        Command::DevCerts {
+            dir,
+            agents,
+            server_names,
+            days,
+            force,
+        } => cli::dev_certs::run(&cli::dev_certs::Options {
+            dir,
+            agents,
+            server_names,
+            days,
+            force,
+        }),
     }
 }
 

@@ -1,11 +1,13 @@
 //! The `gatehouse` command's subcommands other than `run`, one module each: `decode` (batch
 //! payloads as JSON lines), `check` (`check-config`), `dead_letter` (the operator's view of
-//! `dead_letter`), `password` (`password-hash`, lines for a listener's `auth.passwordFile`). Each returns the process exit code and writes its errors to stderr naming
-//! the input.
+//! `dead_letter`), `password` (`password-hash`, lines for a listener's `auth.passwordFile`),
+//! `dev_certs` (`dev-certs`, a CA, server and agent certificates for trying mutual TLS). Each
+//! returns the process exit code and writes its errors to stderr naming the input.
 
 pub mod check;
 pub mod dead_letter;
 pub mod decode;
+pub mod dev_certs;
 pub mod password;
 
 use std::process::ExitCode;

@@ -29,7 +29,7 @@ fn using_it_block() -> String {
 }
 
 /// Runs `script` with bash (`-euo pipefail`) in `dir`, `gatehouse` on PATH.
-async fn bash(dir: &Path, script: &str) -> (bool, String) {
+pub async fn bash(dir: &Path, script: &str) -> (bool, String) {
     let bin_dir = gatehouse_bin().parent().unwrap().to_owned();
     let path = format!(
         "{}:{}",

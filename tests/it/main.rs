@@ -7,6 +7,7 @@ mod cli;
 mod config_errors;
 mod crash;
 mod dedup;
+mod dev_certs;
 mod e2e;
 mod fake_nucleus;
 mod greengrass;
