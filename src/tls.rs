@@ -56,6 +56,28 @@ pub fn key_from(
         })
 }
 
+/// A client configuration trusting the CA in `ca_file`, presenting `client` (certificate and
+/// key files) when given: for the benchmark tools that play agents over TLS.
+pub fn client_config(
+    ca_file: &Path,
+    client: Option<(&Path, &Path)>,
+) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in read_certs(ca_file, "--cafile")? {
+        roots.add(cert).context("--cafile")?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    Ok(match client {
+        Some((cert, key)) => {
+            builder.with_client_auth_cert(read_certs(cert, "--cert")?, read_key(key, "--key")?)?
+        }
+        None => builder.with_no_client_auth(),
+    })
+}
+
 /// Finds a rustls error inside an I/O error chain.
 pub fn rustls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
     let mut current: Option<&'a (dyn std::error::Error + 'static)> = Some(error);

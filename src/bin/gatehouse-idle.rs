@@ -72,21 +72,8 @@ fn tls_connector(args: &Args) -> Result<Option<tokio_rustls::TlsConnector>> {
     let Some(cafile) = &args.cafile else {
         return Ok(None);
     };
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in gatehouse::tls::read_certs(cafile, "--cafile")? {
-        roots.add(cert).context("--cafile")?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots);
-    let config = match (&args.cert, &args.key) {
-        (Some(cert), Some(key)) => builder.with_client_auth_cert(
-            gatehouse::tls::read_certs(cert, "--cert")?,
-            gatehouse::tls::read_key(key, "--key")?,
-        )?,
-        _ => builder.with_no_client_auth(),
-    };
+    let client = args.cert.as_deref().zip(args.key.as_deref());
+    let config = gatehouse::tls::client_config(cafile, client)?;
     Ok(Some(tokio_rustls::TlsConnector::from(Arc::new(config))))
 }
 

@@ -72,6 +72,15 @@ struct Args {
     /// PRNG seed for payload contents.
     #[arg(long, default_value_t = 0x5eed_1234_abcd_ef01)]
     seed: u64,
+    /// TLS: the CA that signed the server's certificate (PEM); agents then connect over TLS
+    /// (server name `localhost`).
+    #[arg(long, value_name = "FILE")]
+    cafile: Option<std::path::PathBuf>,
+    /// TLS client certificate (PEM) every agent presents, with `--key`.
+    #[arg(long, value_name = "FILE", requires = "key", requires = "cafile")]
+    cert: Option<std::path::PathBuf>,
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<std::path::PathBuf>,
     /// Print N sample payloads (one per line) and exit without connecting.
     #[arg(long, value_name = "N")]
     dump: Option<usize>,
@@ -373,6 +382,8 @@ struct AgentCfg {
     /// Flips to `true` when every agent is connected.
     go: watch::Receiver<bool>,
     acked_total: Arc<AtomicU64>,
+    /// TLS for the agents' connections (`--cafile`).
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 #[derive(Default)]
@@ -435,6 +446,11 @@ async fn wait_for_go(go: &mut watch::Receiver<bool>) -> Result<()> {
     Ok(())
 }
 
+/// TLS to the server named `localhost` (the benchmark certificates' name).
+fn agent_transport(tls: &Arc<rustls::ClientConfig>) -> rumqttc::Transport {
+    rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone()))
+}
+
 async fn agent_v4(mut cfg: AgentCfg) -> Result<AgentStats> {
     use rumqttc::{
         AsyncClient, ClientError, Event, MqttOptions, NetworkOptions, Outgoing, Packet, QoS,
@@ -446,6 +462,9 @@ async fn agent_v4(mut cfg: AgentCfg) -> Result<AgentStats> {
         .set_inflight(args.inflight);
     let max_packet = (cfg.pool.max_payload() + 1024).max(10 * 1024);
     opts.set_max_packet_size(max_packet, max_packet);
+    if let Some(tls) = &cfg.tls {
+        opts.set_transport(agent_transport(tls));
+    }
     let cap = args.inflight as usize;
     let (client, mut el) = AsyncClient::new(opts, cap);
     let mut net = NetworkOptions::new();
@@ -537,6 +556,9 @@ async fn agent_v5(mut cfg: AgentCfg) -> Result<AgentStats> {
         .set_outgoing_inflight_upper_limit(args.inflight);
     let max_packet = (cfg.pool.max_payload() + 1024).max(10 * 1024) as u32;
     opts.set_max_packet_size(Some(max_packet));
+    if let Some(tls) = &cfg.tls {
+        opts.set_transport(agent_transport(tls));
+    }
     let mut net = opts.network_options();
     net.set_tcp_nodelay(args.tcp_nodelay);
     opts.set_network_options(net);
@@ -670,6 +692,13 @@ async fn run(args: Arc<Args>) -> Result<bool> {
     let total = args.agents as u64 * args.messages;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
     let pool = Arc::new(PayloadPool::for_args(&args)?);
+    let tls = match &args.cafile {
+        Some(ca) => Some(Arc::new(gatehouse::tls::client_config(
+            ca,
+            args.cert.as_deref().zip(args.key.as_deref()),
+        )?)),
+        None => None,
+    };
     let acked_total = Arc::new(AtomicU64::new(0));
     let (ready_tx, mut ready_rx) = mpsc::channel(args.agents.max(1));
     let (go_tx, go_rx) = watch::channel(false);
@@ -685,6 +714,7 @@ async fn run(args: Arc<Args>) -> Result<bool> {
             ready: ready_tx.clone(),
             go: go_rx.clone(),
             acked_total: acked_total.clone(),
+            tls: tls.clone(),
         };
         handles.push(tokio::spawn(async move {
             if cfg.args.protocol == 5 {
