@@ -232,8 +232,10 @@ async fn permitted(
 }
 
 /// Frees an emptied buffer's memory, so an idle connection holds none.
+/// (An empty buffer may have no capacity left and still hold its allocation: what remains after
+/// `split_to` took every byte shares it.)
 fn release_if_empty(buf: &mut BytesMut) {
-    if buf.is_empty() && buf.capacity() > 0 {
+    if buf.is_empty() {
         *buf = BytesMut::new();
     }
 }
