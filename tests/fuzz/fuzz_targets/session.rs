@@ -27,6 +27,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -47,7 +48,7 @@ const SETTLE_BOUND: Duration = Duration::from_secs(1);
 /// pending commits; anything near this bound is a hang.
 const END_BOUND: Duration = Duration::from_secs(15);
 /// Inputs served by one journal before it is replaced.
-const JOURNAL_INPUTS: u32 = 2_000;
+const JOURNAL_INPUTS: u32 = 10_000;
 /// The listener's `maxPacketSize`: small, so that oversized packets are reachable.
 const MAX_PACKET: usize = 4096;
 
@@ -61,13 +62,30 @@ struct Harness {
 struct Journal {
     handle: gatehouse::journal::Journal,
     served: u32,
-    // Dropped in this order: the writer stops once the handle above is gone, then the files go.
-    _reader: gatehouse::journal::JournalReader,
-    _guard: gatehouse::journal::WriterGuard,
-    _dir: tempfile::TempDir,
+    reader: gatehouse::journal::JournalReader,
+    guard: gatehouse::journal::WriterGuard,
+    dir: tempfile::TempDir,
 }
 
-fn config(dir: &std::path::Path) -> Config {
+impl Journal {
+    /// Stops the journal's threads (the writer once its last handle is gone, the checkpoint
+    /// thread on `join`) and removes its files.
+    fn close(self) {
+        let Journal {
+            handle,
+            reader,
+            guard,
+            dir,
+            ..
+        } = self;
+        drop(handle);
+        drop(reader);
+        guard.join();
+        drop(dir);
+    }
+}
+
+fn config(dir: &Path) -> Config {
     // synchronous "off": fsyncs would only slow the run; the code paths are the same.
     Config::from_json(&format!(
         r#"{{
@@ -79,24 +97,46 @@ fn config(dir: &std::path::Path) -> Config {
     .expect("the fuzz config is valid")
 }
 
+/// The directory this process keeps its journals in: `<temp>/gatehouse-fuzz-session-<pid>/`.
+/// libFuzzer exits without running destructors, so each process first removes the directories
+/// of processes no longer running.
+fn journal_root() -> &'static Path {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        const PREFIX: &str = "gatehouse-fuzz-session-";
+        let temp = std::env::temp_dir();
+        for entry in std::fs::read_dir(&temp).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(PREFIX)) else {
+                continue;
+            };
+            if !Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let root = temp.join(format!("{PREFIX}{}", std::process::id()));
+        std::fs::create_dir_all(&root).expect("journal directory");
+        root
+    })
+}
+
 fn open_journal() -> Journal {
-    let dir = tempfile::tempdir().expect("temporary directory");
+    let dir = tempfile::tempdir_in(journal_root()).expect("temporary directory");
     let (handle, reader, guard) =
         gatehouse::journal::open(&config(dir.path()).journal).expect("journal opens");
     Journal {
         handle,
         served: 0,
-        _reader: reader,
-        _guard: guard,
-        _dir: dir,
+        reader,
+        guard,
+        dir,
     }
 }
 
 fn harness() -> &'static Harness {
     static HARNESS: OnceLock<Harness> = OnceLock::new();
     HARNESS.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let config = config(dir.path());
+        let config = config(journal_root());
         let settings = Settings::new(&config.listeners[0], &config, 0).expect("settings");
         Harness {
             runtime: tokio::runtime::Builder::new_current_thread()
@@ -112,7 +152,10 @@ fn harness() -> &'static Harness {
 fn journal() -> gatehouse::journal::Journal {
     let mut journal = harness().journal.lock().unwrap();
     if journal.served >= JOURNAL_INPUTS {
-        *journal = open_journal();
+        // Closing waits for the checkpoint thread's next wake-up (up to 0.5 s): not on the
+        // fuzzing thread.
+        let old = std::mem::replace(&mut *journal, open_journal());
+        std::thread::spawn(move || old.close());
     }
     journal.served += 1;
     journal.handle.clone()
