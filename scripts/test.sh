@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test command (README.md): sets up what the tests need on a fresh Debian machine (as root
 # for apt), then runs every check: formatting, lints, unit tests and the integration tests
-# against real peers. Python packages go into a virtual environment (target/test-venv), never
-# into the system Python; the tests find it through GATEHOUSE_PYTHON.
+# against real peers, and last a short fuzzing run (scripts/fuzz.sh). Python packages go into a
+# virtual environment (target/test-venv), never into the system Python; the tests find it
+# through GATEHOUSE_PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,3 +35,5 @@ export GATEHOUSE_PYTHON="$PWD/$VENV/bin/python"
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --all-targets --locked
+# Last: a short run of every fuzz target (docs/FUZZING.md), about 60 s of fuzzing after its build.
+scripts/fuzz.sh

@@ -18,6 +18,9 @@
 
 pub mod acl;
 mod codec;
+/// The codec, for the fuzz targets in `tests/fuzz` only (see the module's doc).
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 mod registry;
 mod session;
