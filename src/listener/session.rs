@@ -250,7 +250,7 @@ fn refused_handshake(peer: SocketAddr, why: &str) {
 
 /// Serves MQTT on an established stream; `cert` is the agent's verified client certificate.
 #[allow(clippy::too_many_arguments)]
-async fn serve_mqtt<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+pub(super) async fn serve_mqtt<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     stream: S,
     cert: Option<CertificateDer<'static>>,
     peer: SocketAddr,
