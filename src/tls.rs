@@ -56,6 +56,22 @@ pub fn key_from(
         })
 }
 
+/// A rustls client configuration on the gateway's crypto provider (ring) and protocol versions,
+/// trusting `roots` and presenting `identity` (certificate chain and key) when given.
+pub fn client_config_from(
+    roots: rustls::RootCertStore,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<rustls::ClientConfig, rustls::Error> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    match identity {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key),
+        None => Ok(builder.with_no_client_auth()),
+    }
+}
+
 /// A client configuration trusting the CA in `ca_file`, presenting `client` (certificate and
 /// key files) when given: for the benchmark tools that play agents over TLS.
 pub fn client_config(
@@ -66,16 +82,11 @@ pub fn client_config(
     for cert in read_certs(ca_file, "--cafile")? {
         roots.add(cert).context("--cafile")?;
     }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots);
-    Ok(match client {
-        Some((cert, key)) => {
-            builder.with_client_auth_cert(read_certs(cert, "--cert")?, read_key(key, "--key")?)?
-        }
-        None => builder.with_no_client_auth(),
-    })
+    let identity = match client {
+        Some((cert, key)) => Some((read_certs(cert, "--cert")?, read_key(key, "--key")?)),
+        None => None,
+    };
+    client_config_from(roots, identity).context("--cert/--key")
 }
 
 /// Finds a rustls error inside an I/O error chain.

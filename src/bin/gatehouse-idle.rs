@@ -58,14 +58,16 @@ struct Args {
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
-fn connect_packet(client_id: &str, keep_alive: u16) -> Vec<u8> {
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02];
-    body.extend_from_slice(&keep_alive.to_be_bytes());
-    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-    body.extend_from_slice(client_id.as_bytes());
-    let mut packet = vec![0x10, body.len() as u8];
-    packet.extend(body);
-    packet
+/// CONNECT (MQTT 3.1.1, clean session), encoded by rumqttc's `mqttbytes`.
+fn connect_packet(client_id: &str, keep_alive: u16) -> Result<bytes::BytesMut> {
+    use rumqttc::mqttbytes::v4::{Connect, Packet};
+    let mut connect = Connect::new(client_id);
+    connect.keep_alive = keep_alive;
+    let mut packet = bytes::BytesMut::new();
+    Packet::Connect(connect)
+        .write(&mut packet, usize::MAX)
+        .map_err(|e| anyhow::anyhow!("encoding CONNECT: {e}"))?;
+    Ok(packet)
 }
 
 fn tls_connector(args: &Args) -> Result<Option<tokio_rustls::TlsConnector>> {
@@ -103,7 +105,7 @@ async fn open(
     };
     let client_id = format!("{}{i:06}", args.prefix);
     stream
-        .write_all(&connect_packet(&client_id, args.keep_alive))
+        .write_all(&connect_packet(&client_id, args.keep_alive)?)
         .await?;
     let mut ack = [0u8; 4];
     stream.read_exact(&mut ack).await.context("CONNACK")?;

@@ -18,7 +18,8 @@
 
 pub mod acl;
 mod codec;
-/// The codec, for the fuzz targets in `tests/fuzz` only (see the module's doc).
+/// The codec and a session entry point, for the fuzz targets in `tests/fuzz` only (see the
+/// module's doc).
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;

@@ -40,12 +40,7 @@ pub fn client_config(config: &MqttUpstream) -> anyhow::Result<Arc<ClientConfig>>
     }
     let chain = read_certs(&config.cert_file, "upstream.certFile")?;
     let key = read_key(&config.key_file, "upstream.keyFile")?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("TLS provider")?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
+    let mut tls = crate::tls::client_config_from(roots, Some((chain, key)))
         .context("upstream.keyFile: the key does not match upstream.certFile, or is unsupported")?;
     if config.use_alpn() {
         tls.alpn_protocols = vec![IOT_ALPN.to_vec()];
