@@ -1,7 +1,10 @@
-# Shared helpers for the benchmark scripts (sourced, not run): free ports, Prometheus scraping,
+# Shared helpers for the benchmark scripts (sourced, not run): free ports, medians, Prometheus scraping,
 # and a throwaway PKI for the mqtt upstream.
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# median: the median of the numbers on stdin, one a line (exit 1 when there are none).
+median() { sort -n | awk '{v[NR] = $1} END { if (NR == 0) exit 1; print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 # metric NAME: the value of an unlabelled metric on the admin listener at $ADMIN.
 metric() { curl -s "http://127.0.0.1:$ADMIN/metrics" | awk -v m="$1" '$1==m {print $2}'; }

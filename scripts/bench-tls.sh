@@ -56,9 +56,8 @@ for r in $(seq "$REPEAT"); do
     run tls "$r" "$TLS" --cafile "$WORK/ca.pem" --cert "$WORK/client.pem" --key "$WORK/client.key"
 done
 
-median() { sort -n "$1" | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
-P=$(median "$WORK/rates-plain")
-T=$(median "$WORK/rates-tls")
+P=$(median < "$WORK/rates-plain")
+T=$(median < "$WORK/rates-tls")
 echo "workload: $AGENTS agents x $MESSAGES msgs x $PAYLOAD B, QoS 1, MQTT $PROTOCOL, $REPEAT runs each (median), $(nproc) cores"
 echo "plain: $P msg/s   (runs: $(tr '\n' ' ' < "$WORK/rates-plain"))"
 echo "tls:   $T msg/s   (runs: $(tr '\n' ' ' < "$WORK/rates-tls"))"
